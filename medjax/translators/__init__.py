@@ -1,0 +1,14 @@
+"""Translators by name: a config picks its method with `translator.name`."""
+
+from medjax.translators.base import Translator, TrainState
+from medjax.translators.flow import Flow
+from medjax.translators.regression import Regression
+
+TRANSLATORS = {cls.name: cls for cls in (Regression, Flow)}
+
+
+def build(config) -> Translator:
+  name = config.translator.name
+  if name not in TRANSLATORS:
+    raise ValueError(f"translator.name={name!r}; known: {', '.join(sorted(TRANSLATORS))}")
+  return TRANSLATORS[name](config)

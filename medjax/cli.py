@@ -1,0 +1,150 @@
+"""`medjax` command line: train, evaluate, phantom, prepare.
+
+`train` takes an ml-collections config file with `--config.KEY=VALUE` overrides (absl
+config_flags, as big_vision and the flax examples); the other subcommands are plain
+argparse. A user mistake ends in one line, `medjax: error: …`, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USAGE = """usage: medjax <command> [options]
+
+commands:
+  train      train an experiment config:  medjax train --config experiments/phantom_flow.py --workdir runs/NAME
+  evaluate   score a run's latest checkpoint on its held-out test subjects:  medjax evaluate --workdir runs/NAME
+  phantom    write phantom subjects as NIfTI:  medjax phantom --out DIR --subjects N
+  prepare    turn a dataset folder into ArrayRecord shards:  medjax prepare --layout L --root DIR --out DIR ...
+
+`medjax <command> --help` for a command's options."""
+
+
+class UserError(Exception):
+  """A mistake in what the user asked for: reported in one line, no traceback."""
+
+
+def _enable_compilation_cache() -> None:
+  import jax
+  cache = os.environ.get("MEDJAX_COMPILATION_CACHE",
+                         os.path.join(os.path.expanduser("~"), ".cache", "medjax", "jax"))
+  if cache and cache != "0":
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _train(argv: list[str]) -> int:
+  from absl import flags
+  from ml_collections import config_flags
+
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)",
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory (resumed if it exists)",
+                      flag_values=flag_values)
+  flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 for multi-host runs",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "processes in a multi-host run",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=flag_values)
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+    print("usage: medjax train --config experiments/NAME.py --workdir DIR [--config.KEY=VALUE ...]\n"
+          "       [--coordinator HOST:PORT --num_processes P --process_id I]")
+    return 0
+  try:
+    flag_values(argv)
+    config = flag_values.config
+  except flags.Error as e:
+    raise UserError(_flag_message(str(e))) from None
+  except (KeyError, AttributeError, FileNotFoundError, OSError, ValueError, TypeError) as e:
+    raise UserError(_flag_message(str(e))) from None
+  if config is None:
+    raise UserError("--config is required, e.g. --config experiments/phantom_flow.py")
+  if not flag_values.workdir:
+    raise UserError("--workdir is required, e.g. --workdir runs/phantom_flow")
+
+  from medjax import parallel
+  parallel.maybe_initialize_distributed(flag_values.coordinator, flag_values.num_processes,
+                                        flag_values.process_id)
+  _enable_compilation_cache()
+  from medjax import train
+  train.train_and_evaluate(config, flag_values.workdir)
+  return 0
+
+
+def _flag_message(message: str) -> str:
+  message = message.strip().splitlines()[0] if message.strip() else message
+  return message.strip("'\"")
+
+
+def _evaluate(args) -> int:
+  _enable_compilation_cache()
+  from medjax import train
+  summary = train.evaluate_checkpoint(args.workdir, split=args.split, step=args.checkpoint)
+  print(train.format_summary(summary))
+  return 0
+
+
+def _phantom(args) -> int:
+  from medjax.data import phantom
+  shape = phantom.parse_shape(args.shape)
+  paths = phantom.write_subjects(args.out, args.subjects, shape=shape, seed=args.seed)
+  print(f"wrote {len(paths)} phantom subjects to {args.out}")
+  return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="medjax", usage=USAGE)
+  sub = parser.add_subparsers(dest="command")
+  p = sub.add_parser("evaluate", help="score the latest checkpoint on held-out subjects")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--split", default="test", choices=("val", "test"))
+  p.add_argument("--checkpoint", type=int, default=None, help="step (default: the latest)")
+  p.set_defaults(run=_evaluate)
+  p = sub.add_parser("phantom", help="write phantom subjects as NIfTI folders")
+  p.add_argument("--out", required=True)
+  p.add_argument("--subjects", type=int, required=True)
+  p.add_argument("--shape", default="160x160x96")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=_phantom)
+  try:
+    from medjax.data import shards
+  except ImportError:
+    shards = None
+  if shards is not None and hasattr(shards, "add_prepare_args"):
+    p = sub.add_parser("prepare", help="dataset folder → subject-split ArrayRecord shards")
+    shards.add_prepare_args(p)
+    p.set_defaults(run=lambda args: shards.prepare_main(args) or 0)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help"):
+    print(USAGE)
+    return 0 if len(argv) >= 2 else 2
+  from medjax import config as config_lib
+  from medjax import train as _  # noqa: F401  (import errors surface before user errors)
+  known = (UserError, config_lib.ConfigError, FileNotFoundError, NotADirectoryError)
+  try:
+    from medjax.train import NonFiniteError, WorkdirError
+    known += (NonFiniteError, WorkdirError)
+    if argv[1] == "train":
+      return _train(argv[1:])
+    args = _parser().parse_args(argv[1:])
+    if not getattr(args, "run", None):
+      print(USAGE)
+      return 2
+    return args.run(args)
+  except known as e:
+    print(f"medjax: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("medjax: interrupted; the last complete checkpoint is kept", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

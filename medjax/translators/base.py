@@ -1,0 +1,109 @@
+"""The translator protocol (DESIGN.md, "Translator protocol").
+
+A translator is a handful of pure functions around one TrainState pytree:
+
+  init(rng, example_batch)                      -> state
+  train_step(state, batch, rng)                 -> (state, metrics)
+  translate(params, source, rng, *, steps, samples) -> (mean, std)
+
+The config is bound when the translator is built (`translators.build(config)`), so these
+are plain functions of arrays the trainer can jit, shard and donate without knowing which
+method it runs. `translate` always returns the mean and per-voxel standard deviation over
+`samples` draws; a deterministic method returns a zero std.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from medjax import models
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  ema_params: Any  # what evaluation and sampling use (vdm, big_vision)
+  opt_state: Any
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, cosine decay to 1 % and global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate,
+      warmup_steps=min(train.warmup_steps, max(train.steps - 1, 0)),
+      decay_steps=max(train.steps, 1), end_value=0.01 * train.learning_rate)
+  return optax.chain(
+      optax.clip_by_global_norm(train.grad_clip),
+      optax.adamw(schedule, weight_decay=train.weight_decay))
+
+
+def ema_update(ema, params, decay: float):
+  return optax.incremental_update(params, ema, step_size=1.0 - decay)
+
+
+class Translator:
+  """Shared machinery: one network, one optimiser, EMA. Methods supply `loss` and `translate`."""
+
+  name = "base"
+  stochastic = False  # True: `translate` draws samples and its std is meaningful
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model = self.build_model(config)
+    self.tx = make_optimizer(config.train)
+
+  def build_model(self, config):
+    model = config.model.to_dict()
+    return models.build(model.pop("name"), out_channels=1, **model)
+
+  # -- what a method supplies -------------------------------------------------
+  def loss(self, params, batch, rng) -> tuple[jax.Array, dict]:
+    raise NotImplementedError
+
+  def translate(self, params, source, rng, *, steps=None, samples=1):
+    raise NotImplementedError
+
+  def nfe(self, steps: int | None) -> int:
+    """Network evaluations per sample for `steps` sampling steps."""
+    return 1
+
+  # -- shared ----------------------------------------------------------------
+  def init_params(self, rng, batch):
+    source, target = batch["source"], batch["target"]
+    t = jnp.zeros(source.shape[:1], jnp.float32)
+    return self.model.init(rng, target, t, source, train=False)["params"]
+
+  def init(self, rng, batch) -> TrainState:
+    params = self.init_params(rng, batch)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=self.tx.init(params))
+
+  def train_step(self, state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, self.config.train.ema_decay)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
+
+  def inference_params(self, state: TrainState):
+    return state.ema_params
+
+  def apply(self, params, x, t, source, rng=None, *, train: bool):
+    rngs = {"dropout": rng} if (train and rng is not None) else None
+    return self.model.apply({"params": params}, x, t, source, train=train, rngs=rngs)
+
+
+def masked_mean(values, mask=None):
+  if mask is None:
+    return jnp.mean(values)
+  weights = jnp.broadcast_to(mask, values.shape)
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -1,0 +1,197 @@
+"""End-to-end training: run directory, exact resume after SIGKILL, 1 vs 8 devices, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from medjax import cli, train
+
+from conftest import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def overrides(config_dict, prefix="config"):
+  """`--config.a.b=value` flags that turn the base config into `config_dict`."""
+  flags = []
+  for key, value in config_dict.items():
+    if isinstance(value, dict):
+      flags += overrides(value, f"{prefix}.{key}")
+    else:
+      text = str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
+      flags.append(f"--{prefix}.{key}={text}")
+  return flags
+
+
+def write_experiment(tmp_path, config) -> str:
+  """A config file on disk holding `config` exactly (what a user's experiment file is)."""
+  path = tmp_path / "experiment.py"
+  path.write_text(textwrap.dedent(f"""
+      import json
+      import ml_collections
+      def get_config():
+        return ml_collections.ConfigDict(json.loads({json.dumps(json.dumps(config.to_dict(), default=list))}))
+      """))
+  return str(path)
+
+
+def saved_params(workdir, step):
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return state["params"], state["ema_params"]
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("flow_run"))
+  summary = train.train_and_evaluate(tiny_config("flow"), workdir)
+  return workdir, summary
+
+
+def test_run_directory(flow_run):
+  workdir, summary = flow_run
+  files = set(os.listdir(workdir))
+  assert {"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "images", "eval"} <= files
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  written = json.load(open(os.path.join(workdir, "eval", "6", "summary.json")))
+  assert written == json.loads(json.dumps(summary))
+  for name in ("model", "baseline"):
+    assert {"mae", "psnr", "ssim"} <= set(written[name])
+    assert all(np.isfinite(v) for v in written[name].values())
+  rows = open(os.path.join(workdir, "eval", "6", "subjects.csv")).read().splitlines()
+  assert len(rows) == 1 + written["subjects"]
+  logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in logged if r["split"] == "train"] == [2, 3, 4, 6]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  png = os.path.join(workdir, "images", "val_000006.png")
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_command_scores_test_subjects(flow_run, capsys):
+  workdir, _ = flow_run
+  assert cli.main(["medjax", "evaluate", "--workdir", workdir]) == 0
+  summary = json.load(open(os.path.join(workdir, "eval", "6", "test_summary.json")))
+  assert summary["split"] == "test" and summary["step"] == 6
+  assert "held-out test" in capsys.readouterr().out
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+  config = tiny_config("flow")
+  config.train.steps = 6
+  config.checkpoint.every = 2
+  config.eval.every = 2  # evaluation after each checkpoint gives the kill a window mid-run
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config, straight)
+
+  killed = str(tmp_path / "killed")
+  command = [sys.executable, "-m", "medjax.cli", "train", "--config",
+             write_experiment(tmp_path, config), "--workdir", killed]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  first = os.path.join(killed, "checkpoints", "2")
+  deadline = time.time() + 240
+  while not os.path.isdir(first) and time.time() < deadline and process.poll() is None:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done = sorted(int(s) for s in os.listdir(os.path.join(killed, "checkpoints")) if s.isdigit())
+  assert done and done[-1] < 6, f"the run was not interrupted mid-way (checkpoints {done})"
+
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  leaves = [jax.tree.leaves(saved_params(w, 6)) for w in (straight, killed)]
+  assert len(leaves[0]) == len(leaves[1]) > 0
+  for x, y in zip(*leaves):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_same_losses_on_one_and_eight_devices():
+  script = textwrap.dedent("""
+      import json, sys
+      import jax, numpy as np
+      sys.path.insert(0, "tests")
+      from conftest import tiny_config
+      from medjax import parallel, translators
+      from medjax.data import pipeline
+      from medjax.train import create_state
+      assert jax.device_count() == 8
+      config = tiny_config("flow")
+      losses = {}
+      for devices in (1, 8):
+        mesh = parallel.make_mesh(devices)
+        translator = translators.build(config)
+        source = pipeline.train_source(config)
+        data = iter(pipeline.train_dataset(config))
+        abstract, init = create_state(translator, config, mesh, source)
+        state = init()
+        rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+        shard = jax.tree.map(lambda _: rep, abstract)
+        step = jax.jit(translator.train_step, in_shardings=(shard, bat, rep),
+                       out_shardings=(shard, rep), donate_argnums=(0,))
+        rng = jax.random.PRNGKey(1)
+        out = []
+        for _ in range(5):
+          state, metrics = step(state, parallel.global_batch(next(data), mesh), rng)
+          out.append(float(metrics["loss"]))
+        losses[devices] = out
+      print(json.dumps(losses))
+      """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True)
+  losses = json.loads(result.stdout.strip().splitlines()[-1])
+  one, eight = np.array(losses["1"]), np.array(losses["8"])
+  assert np.all(np.isfinite(one)) and len(set(one.tolist())) > 1  # five distinct steps
+  np.testing.assert_allclose(eight, one, rtol=1e-4)
+
+
+def run_cli(args, capsys):
+  code = cli.main(["medjax", *args])
+  err = capsys.readouterr().err.strip()
+  return code, err
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path, capsys):
+  code, err = run_cli(["train", "--config", str(ROOT / "experiments/phantom_flow.py"),
+                       "--workdir", str(tmp_path / "w"), "--config.train.stepz=3"], capsys)
+  assert code == 2 and err.startswith("medjax: error:") and "stepz" in err
+  assert len(err.splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+  code, err = run_cli(["train", "--config", str(tmp_path / "nope.py"),
+                       "--workdir", str(tmp_path / "w")], capsys)
+  assert code == 2 and "nope.py" in err and len(err.splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+
+
+def test_workdir_of_another_experiment_is_refused(flow_run, tmp_path, capsys):
+  workdir, _ = flow_run
+  before = {p: p.stat().st_mtime_ns for p in pathlib.Path(workdir).rglob("*") if p.is_file()}
+  config = tiny_config("regression")
+  code, err = run_cli(["train", "--config", write_experiment(tmp_path, config),
+                       "--workdir", workdir], capsys)
+  assert code == 2 and "another experiment" in err and "translator.name" in err
+  after = {p: p.stat().st_mtime_ns for p in pathlib.Path(workdir).rglob("*") if p.is_file()}
+  assert after == before
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
+  config = tiny_config("regression")
+  config.train.learning_rate = 1e38
+  config.train.grad_clip = 1e38
+  workdir = tmp_path / "nan"
+  code, err = run_cli(["train", "--config", write_experiment(tmp_path, config),
+                       "--workdir", str(workdir)], capsys)
+  assert code == 2 and "non-finite" in err and len(err.splitlines()) == 1
+  # Nothing from the diverged steps was checkpointed.
+  checkpoints = workdir / "checkpoints"
+  assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.name.isdigit()]
