@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.source = ("t1w",)
   config.data.target = "t2w"
   config.data.augment = True
+  config.data.unpaired = False  # draw sources and targets independently (CycleGAN)
   config.data.workers = 0  # grain worker processes; 0 = threads in the trainer process
   config.data.phantom = ml_collections.ConfigDict()
   config.data.phantom.subjects = 20

@@ -111,14 +111,32 @@ def _augment(record, rng):
   return augment.augment_record(record, rng)
 
 
+def _shuffled(source, seed: int, process_index: int, process_count: int) -> grain.MapDataset:
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  return ds.shuffle(seed=seed).repeat()
+
+
+def _unpair(pair):
+  """Source of one slice, target of another: nothing links them but the modality."""
+  a, b = pair
+  return {"source": a["source"], "target": b["target"], "mask": b["mask"],
+          "subject": a["subject"], "slice": a["slice"]}
+
+
 def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
                  process_index: int | None = None, process_count: int | None = None,
-                 workers: int = 0) -> grain.IterDataset:
-  """Batches of `batch_size` records (this process's share of the global batch)."""
+                 workers: int = 0, target_source=None) -> grain.IterDataset:
+  """Batches of `batch_size` records (this process's share of the global batch).
+
+  With `target_source`, the pipeline is unpaired: targets come from it in an
+  independent permutation while sources come from `source`.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat()
+  ds = _shuffled(source, seed, process_index, process_count)
+  if target_source is not None:
+    targets = _shuffled(target_source, seed + 7919, process_index, process_count)
+    ds = grain.experimental.ZipMapDataset([ds, targets]).map(_unpair)
   if augment:
     ds = ds.random_map(_augment, seed=seed + 1)
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -133,7 +151,25 @@ def train_dataset(config) -> grain.IterDataset:
   if global_batch % jax.process_count():
     raise config_lib.ConfigError(
         f"train.batch_size={global_batch} is not divisible by {jax.process_count()} processes")
-  return make_dataset(train_source(config), seed=config.seed,
-                      batch_size=global_batch // jax.process_count(),
-                      augment=config.data.augment, workers=config.data.workers)
+  source, target_source = train_source(config), None
+  if config.data.unpaired:
+    source, target_source = unpaired_sources(config)
+  return make_dataset(source, seed=config.seed, batch_size=global_batch // jax.process_count(),
+                      augment=config.data.augment, workers=config.data.workers,
+                      target_source=target_source)
 
+
+def unpaired_sources(config):
+  """Where unpaired sources and targets come from.
+
+  Phantom: disjoint halves of the training subjects, so no target ever belongs to the
+  subject its source came from. Shards: the same slices in independent permutations.
+  """
+  if config.data.kind == "phantom":
+    subjects = phantom_split(config)["train"]
+    if len(subjects) < 2:
+      raise config_lib.ConfigError("data.unpaired needs at least 2 training subjects")
+    half = len(subjects) // 2
+    return PhantomSlices(config, subjects[:half]), PhantomSlices(config, subjects[half:])
+  source = train_source(config)
+  return source, source

@@ -1,0 +1,92 @@
+"""Building blocks shared by the backbones: time embedding, norms, resblocks, attention.
+
+Everything is NHWC float32. Blocks that end a residual branch zero-initialise their
+last projection (as in ADM), so every block starts as the identity and a fresh network
+is a well-conditioned function of its input.
+"""
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+zeros_init = nn.initializers.zeros
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
+  """Sinusoidal embedding of a (B,) float time, (B, dim): [cos(t f_k), sin(t f_k)]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+  return embedding
+
+
+def group_norm(channels: int, num_groups: int = 32, name: str | None = None):
+  # gcd keeps the group count a divisor of the channels, so tiny test widths
+  # (8 channels) and odd widths work without special cases.
+  # eps 1e-5 matches torch's GroupNorm, which published ADM weights were trained with.
+  return nn.GroupNorm(num_groups=math.gcd(num_groups, channels), epsilon=1e-5, name=name)
+
+
+def instance_norm(name: str | None = None):
+  # affine-free, as in the CycleGAN / pix2pix reference code (InstanceNorm2d defaults).
+  return nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False, name=name)
+
+
+class ResBlock(nn.Module):
+  """ADM residual block with FiLM conditioning on the time embedding."""
+  channels: int
+  dropout: float = 0.0
+  num_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x, emb, *, train: bool):
+    h = nn.silu(group_norm(x.shape[-1], self.num_groups)(x))
+    h = nn.Conv(self.channels, (3, 3))(h)
+    scale, shift = jnp.split(nn.Dense(2 * self.channels)(nn.silu(emb)), 2, axis=-1)
+    h = group_norm(self.channels, self.num_groups)(h)
+    h = h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = nn.Conv(self.channels, (3, 3), kernel_init=zeros_init)(h)
+    if x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1), name="skip")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all pixels, pre-norm, residual."""
+  num_heads: int = 4
+  num_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    if channels % self.num_heads:
+      raise ValueError(f"attention over {channels} channels needs num_heads dividing it, "
+                       f"got num_heads={self.num_heads}")
+    h = group_norm(channels, self.num_groups)(x).reshape(batch, height * width, channels)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, out_kernel_init=zeros_init, deterministic=True)(h)
+    return x + h.reshape(x.shape)
+
+
+class Downsample(nn.Module):
+  channels: int
+
+  @nn.compact
+  def __call__(self, x):
+    # symmetric padding 1 (torch-style); flax's "SAME" pads stride-2 convs asymmetrically.
+    return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))(x)
+
+
+class Upsample(nn.Module):
+  channels: int
+
+  @nn.compact
+  def __call__(self, x):
+    # nearest resize + conv rather than a transposed conv: no checkerboard artefacts.
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(self.channels, (3, 3))(x)

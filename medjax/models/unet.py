@@ -1,0 +1,80 @@
+"""ADM U-Net (Dhariwal & Nichol 2021, "guided diffusion") for image-to-image translation.
+
+One backbone for every translator: flow matching and diffusion pass the current state `x`
+and time `t`; regression and GANs pass `x=None` and the network sees only `source`.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from medjax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample,
+                                  group_norm, timestep_embedding, zeros_init)
+
+
+class UNet(nn.Module):
+  out_channels: int
+  channels: int = 64
+  channel_mult: Sequence[int] = (1, 2, 2, 4)
+  num_res_blocks: int = 2
+  attention_levels: Sequence[int] = ()  # indices into channel_mult
+  num_heads: int = 4
+  dropout: float = 0.0
+  num_groups: int = 32
+  # sinusoidal frequencies are tuned for integer diffusion steps in [0, 1000]; t in [0, 1]
+  # unscaled would leave most of the embedding constant.
+  time_scale: float = 1000.0
+
+  @nn.compact
+  def __call__(self, x, t, source, *, train: bool):
+    batch, height, width, _ = source.shape
+    factor = 2 ** (len(self.channel_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(f"UNet with {len(self.channel_mult)} levels needs H and W divisible "
+                       f"by {factor}, got {height}x{width}")
+    for level in self.attention_levels:
+      if not 0 <= level < len(self.channel_mult):
+        raise ValueError(f"attention level {level} outside 0..{len(self.channel_mult) - 1}")
+    if t is None:
+      t = jnp.zeros((batch,), jnp.float32)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+
+    emb_dim = 4 * self.channels
+    emb = timestep_embedding(t * self.time_scale, self.channels)
+    emb = nn.Dense(emb_dim)(nn.silu(nn.Dense(emb_dim)(emb)))
+
+    h = source if x is None else jnp.concatenate([x, source], axis=-1)
+    res = lambda c: ResBlock(c, self.dropout, self.num_groups)
+    attn = lambda: AttentionBlock(self.num_heads, self.num_groups)
+
+    h = nn.Conv(self.channels, (3, 3))(h)
+    skips = [h]
+    for level, mult in enumerate(self.channel_mult):
+      for _ in range(self.num_res_blocks):
+        h = res(self.channels * mult)(h, emb, train=train)
+        if level in self.attention_levels:
+          h = attn()(h)
+        skips.append(h)
+      if level != len(self.channel_mult) - 1:
+        h = Downsample(h.shape[-1])(h)
+        skips.append(h)
+
+    h = res(h.shape[-1])(h, emb, train=train)
+    if self.attention_levels:
+      h = attn()(h)
+    h = res(h.shape[-1])(h, emb, train=train)
+
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      # one more block than on the way down: it consumes the skip left by Downsample
+      # (or, at level 0, by the input conv).
+      for _ in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res(self.channels * mult)(h, emb, train=train)
+        if level in self.attention_levels:
+          h = attn()(h)
+      if level:
+        h = Upsample(h.shape[-1])(h)
+
+    h = nn.silu(group_norm(h.shape[-1], self.num_groups)(h))
+    return nn.Conv(self.out_channels, (3, 3), kernel_init=zeros_init)(h)
