@@ -53,12 +53,17 @@ def _train(argv: list[str]) -> int:
     print("usage: medjax train --config experiments/NAME.py --workdir DIR [--config.KEY=VALUE ...]\n"
           "       [--coordinator HOST:PORT --num_processes P --process_id I]")
     return 0
+  path = _config_path(argv)
+  if path and not os.path.isfile(path):
+    raise UserError(f"config file {path} does not exist")
   try:
     flag_values(argv)
     config = flag_values.config
-  except flags.Error as e:
-    raise UserError(_flag_message(str(e))) from None
-  except (KeyError, AttributeError, FileNotFoundError, OSError, ValueError, TypeError) as e:
+    if config is not None:
+      config.to_dict()  # config_flags defers load errors to the first access
+  except (flags.UnrecognizedFlagError, KeyError, AttributeError) as e:
+    raise UserError(_unknown_key_message(argv, e)) from None
+  except (flags.Error, OSError, ValueError, TypeError) as e:
     raise UserError(_flag_message(str(e))) from None
   if config is None:
     raise UserError("--config is required, e.g. --config experiments/phantom_flow.py")
@@ -74,9 +79,38 @@ def _train(argv: list[str]) -> int:
   return 0
 
 
+def _config_path(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":")[0]
+  return None
+
+
+def _unknown_key_message(argv: list[str], error: Exception) -> str:
+  """Name the override whose key the config file does not have."""
+  import runpy
+  try:
+    base = runpy.run_path(_config_path(argv))["get_config"]()
+  except Exception:  # the config file itself is broken: say what the parser said
+    return _flag_message(str(error))
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    node = base
+    for part in arg[len("--config."):].split("=")[0].split("."):
+      if not hasattr(node, "keys") or part not in node:
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+        return (f"unknown config key {part!r} in {arg.split('=')[0]}"
+                + (f" (keys here: {known})" if known else ""))
+      node = node[part]
+  return _flag_message(str(error))
+
+
 def _flag_message(message: str) -> str:
-  message = message.strip().splitlines()[0] if message.strip() else message
-  return message.strip("'\"")
+  message = message.replace("\\n", "\n").strip().strip("'\"")
+  return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _evaluate(args) -> int:

@@ -40,8 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.phantom = ml_collections.ConfigDict()
   config.data.phantom.subjects = 20
   config.data.phantom.seed = 0
-  config.data.phantom.shape = (64, 64, 40)
-  config.data.phantom.spacing = (2.5, 2.5, 2.5)
+  # 48×48×32 voxels over the phantom's 160×160×96 mm field of view: small enough to
+  # train on a laptop CPU in minutes; raise it (and the model) on an accelerator.
+  config.data.phantom.shape = (48, 48, 32)
+  config.data.phantom.spacing = (160 / 48, 160 / 48, 3.0)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet"
@@ -57,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.translator.steps = 8  # sampling steps when none are asked for
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 1000
+  config.train.steps = 1500
   config.train.batch_size = 16
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 100

@@ -51,6 +51,13 @@ def prepare_workdir(config, workdir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def build_translator(config):
+  try:
+    return translators.build(config)
+  except ValueError as e:  # an unknown method, model or model option
+    raise config_lib.ConfigError(str(e)) from None
+
+
 def load_config(workdir: str):
   import ml_collections
   path = os.path.join(workdir, "config.json")
@@ -135,8 +142,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); the last val summary."""
   mesh = mesh or parallel.make_mesh()
   config_lib.validate(config, num_devices=mesh.size)
+  translator = build_translator(config)
   prepare_workdir(config, workdir)
-  translator = translators.build(config)
   source = pipeline.train_source(config)
   data_iter = iter(pipeline.train_dataset(config))
 
@@ -205,7 +212,7 @@ def evaluate_checkpoint(workdir: str, *, split: str = "test", step: int | None =
   """`medjax evaluate`: score the latest (or a given) checkpoint on held-out subjects."""
   config = load_config(workdir)
   mesh = mesh or parallel.make_mesh()
-  translator = translators.build(config)
+  translator = build_translator(config)
   source = pipeline.train_source(config)
   abstract, _ = create_state(translator, config, mesh, source)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

@@ -1,10 +1,14 @@
 """Translators by name: a config picks its method with `translator.name`."""
 
 from medjax.translators.base import Translator, TrainState
+from medjax.translators.bridge import Bridge
+from medjax.translators.cyclegan import CycleGAN
+from medjax.translators.diffusion import Diffusion
 from medjax.translators.flow import Flow
+from medjax.translators.pix2pix import Pix2Pix
 from medjax.translators.regression import Regression
 
-TRANSLATORS = {cls.name: cls for cls in (Regression, Flow)}
+TRANSLATORS = {cls.name: cls for cls in (Regression, Flow, Diffusion, Bridge, Pix2Pix, CycleGAN)}
 
 
 def build(config) -> Translator:

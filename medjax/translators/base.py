@@ -90,7 +90,7 @@ class Translator:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params, self.config.train.ema_decay)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, ema_params=ema,
                          opt_state=opt_state), metrics
 
