@@ -123,9 +123,16 @@ def _evaluate(args) -> int:
 
 def _phantom(args) -> int:
   from medjax.data import phantom
-  shape = phantom.parse_shape(args.shape)
-  paths = phantom.write_subjects(args.out, args.subjects, shape=shape, seed=args.seed)
-  print(f"wrote {len(paths)} phantom subjects to {args.out}")
+  try:
+    shape = phantom.parse_shape(args.shape)
+    spacing = (phantom.parse_spacing(args.spacing) if args.spacing
+               else phantom.fov_spacing(shape))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  paths = phantom.write_subjects(args.out, args.subjects, shape=shape, spacing=spacing,
+                                 seed=args.seed)
+  print(f"wrote {len(paths)} phantom subjects ({'x'.join(map(str, shape))} voxels of "
+        f"{'x'.join(f'{s:g}' for s in spacing)} mm) to {args.out}")
   return 0
 
 
@@ -141,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True)
   p.add_argument("--subjects", type=int, required=True)
   p.add_argument("--shape", default="160x160x96")
+  p.add_argument("--spacing", default=None,
+                 help="voxel size in mm, e.g. 1,1,1 (default: the shape covers the whole head)")
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(run=_phantom)
   try:

@@ -90,17 +90,17 @@ def evaluate(translator, params, volumes, baseline, rng, mesh, *, target_modalit
   summary = {
       "protocol": protocol, "subjects": len(rows), "steps": steps, "samples": samples,
       "nfe_per_sample": translator.nfe(steps),
-      **{name: summarise(rows, name) for name in ("model", "baseline")}}
+      **summarise(rows)}
   return summary, rows, predictions
 
 
-def summarise(rows: list[dict], name: str) -> dict:
-  keys = [k[len(name) + 1:] for k in rows[0] if k.startswith(name + "_")]
-  out = {}
-  for key in keys:
-    values = np.array([row[f"{name}_{key}"] for row in rows], np.float64)
-    out[key] = float(values.mean())
-    out[f"{key}_std"] = float(values.std())
+def summarise(rows: list[dict]) -> dict:
+  """{"model": {"mae": mean, "mae_std": …, "mae_median": …}, "baseline": {…}}."""
+  out = {"model": {}, "baseline": {}}
+  for column, stats in metrics.summarise(rows).items():
+    name, key = column.split("_", 1)
+    out[name].update({key: stats["mean"], f"{key}_std": stats["std"],
+                      f"{key}_median": stats["median"]})
   return out
 
 

@@ -119,14 +119,14 @@ def run_evaluation(translator, state_params, config, mesh, baseline, *, split: s
         num_slices=config.eval.image_slices, stochastic=translator.stochastic)
     if writer is not None:
       scalars = {f"{name}_{k}": v for name in ("model", "baseline")
-                 for k, v in summary[name].items() if not k.endswith("_std")}
+                 for k, v in summary[name].items() if not k.endswith(("_std", "_median"))}
       writer.write(step, scalars, prefix=split)
       writer.image(step, f"{split}/grid", image)
   return summary
 
 
 def format_summary(summary: dict) -> str:
-  keys = [k for k in summary["model"] if not k.endswith("_std")]
+  keys = [k for k in summary["model"] if not k.endswith(("_std", "_median"))]
   unit = {"synthrad2023": " (HU)", "mri": " ([0,1])"}.get(summary["protocol"], "")
   lines = [f"held-out {summary['split']} ({summary['subjects']} subjects, step {summary['step']},"
            f" {summary['protocol']}{unit}):",

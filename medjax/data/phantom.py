@@ -594,6 +594,17 @@ def parse_shape(text: str) -> tuple[int, int, int]:
   return shape
 
 
+def parse_spacing(text: str) -> tuple[float, float, float]:
+  """'1,1,2.5' → (1.0, 1.0, 2.5) millimetres."""
+  try:
+    spacing = tuple(float(p) for p in str(text).replace("x", ",").split(","))
+  except ValueError:
+    spacing = ()
+  if len(spacing) != 3 or min(spacing) <= 0:
+    raise ValueError(f"spacing must be three positive numbers in mm, like 1,1,1; got {text!r}")
+  return spacing
+
+
 def _atomic(path: Path, write):
   """write(temporary path) then rename: a crash never leaves a half-written `path`."""
   temporary = path.with_name(f".{path.name.split('.')[0]}.{os.getpid()}.tmp{''.join(path.suffixes)}")
