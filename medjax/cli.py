@@ -8,6 +8,7 @@ argparse. A user mistake ends in one line, `medjax: error: …`, and exit status
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -20,6 +21,12 @@ commands:
   prepare    turn a dataset folder into ArrayRecord shards:  medjax prepare --layout L --root DIR --out DIR ...
 
 `medjax <command> --help` for a command's options."""
+
+
+# name, module, stem of its add_<stem>_args / <stem>_main, help
+SUBCOMMANDS = (
+    ("prepare", "medjax.data.shards", "prepare", "dataset folder → subject-split ArrayRecord shards"),
+)
 
 
 class UserError(Exception):
@@ -137,7 +144,7 @@ def _phantom(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medjax", usage=USAGE)
+  parser = argparse.ArgumentParser(prog="medjax")
   sub = parser.add_subparsers(dest="command")
   p = sub.add_parser("evaluate", help="score the latest checkpoint on held-out subjects")
   p.add_argument("--workdir", required=True)
@@ -152,14 +159,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="voxel size in mm, e.g. 1,1,1 (default: the shape covers the whole head)")
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(run=_phantom)
-  try:
-    from medjax.data import shards
-  except ImportError:
-    shards = None
-  if shards is not None and hasattr(shards, "add_prepare_args"):
-    p = sub.add_parser("prepare", help="dataset folder → subject-split ArrayRecord shards")
-    shards.add_prepare_args(p)
-    p.set_defaults(run=lambda args: shards.prepare_main(args) or 0)
+  for name, module, stem, help_text in SUBCOMMANDS:
+    module = importlib.import_module(module)
+    p = sub.add_parser(name, help=help_text)
+    getattr(module, f"add_{stem}_args")(p)
+    p.set_defaults(run=lambda args, main=getattr(module, f"{stem}_main"): main(args) or 0)
   return parser
 
 
