@@ -17,19 +17,21 @@ NUM_BINS = 256
 @dataclasses.dataclass(frozen=True)
 class IntensityMap:
   table: np.ndarray  # target value at each source bin centre, in [-1, 1]
+  channel: int = 0  # the source channel it reads (the centre slice under 2.5D context)
 
   def __call__(self, source: np.ndarray) -> np.ndarray:
-    """(…, Cs) normalised source → (…, 1) predicted target from the first channel."""
+    """(…, Cs) normalised source → (…, 1) predicted target."""
     centres = np.linspace(-1.0, 1.0, len(self.table))
-    return np.interp(source[..., :1], centres, self.table).astype(np.float32)
+    value = source[..., self.channel:self.channel + 1]
+    return np.interp(value, centres, self.table).astype(np.float32)
 
 
-def fit(records, num_bins: int = NUM_BINS) -> IntensityMap:
+def fit(records, num_bins: int = NUM_BINS, channel: int = 0) -> IntensityMap:
   """Mean target per source bin over every voxel of `records` (dicts with source, target)."""
   sums = np.zeros(num_bins)
   counts = np.zeros(num_bins)
   for record in records:
-    source = np.asarray(record["source"])[..., 0].ravel()
+    source = np.asarray(record["source"])[..., channel].ravel()
     target = np.asarray(record["target"])[..., 0].ravel()
     bins = np.clip(np.round((source + 1.0) * 0.5 * (num_bins - 1)).astype(int), 0, num_bins - 1)
     sums += np.bincount(bins, target, num_bins)
@@ -40,4 +42,4 @@ def fit(records, num_bins: int = NUM_BINS) -> IntensityMap:
   centres = np.linspace(-1.0, 1.0, num_bins)
   # Bins no training voxel fell in borrow from their neighbours.
   table = np.interp(centres, centres[seen], sums[seen] / counts[seen])
-  return IntensityMap(table.astype(np.float32))
+  return IntensityMap(table.astype(np.float32), channel)

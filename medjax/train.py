@@ -85,9 +85,10 @@ def create_state(translator, config, mesh, source):
   return abstract, lambda: init(rng, batch)
 
 
-def fit_baseline(source, max_records: int = 4096):
+def fit_baseline(config, source, max_records: int = 4096):
   stride = max(1, len(source) // max_records)
-  return baseline_lib.fit(source[i] for i in range(0, len(source), stride))
+  return baseline_lib.fit((source[i] for i in range(0, len(source), stride)),
+                          channel=pipeline.baseline_channel(config))
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -162,7 +163,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
                        in_shardings=(state_sharding, batch_sharding, replicated),
                        out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  baseline = fit_baseline(source)
+  baseline = fit_baseline(config, source)
   writer = logging_lib.MetricWriter(workdir)
   total = config.train.steps
   bar = tqdm(total=total, initial=start, desc=f"train {translator.name}", unit="step",
@@ -222,6 +223,6 @@ def evaluate_checkpoint(workdir: str, *, split: str = "test", step: int | None =
   finally:
     checkpointer.close()
   summary = run_evaluation(translator, translator.inference_params(state), config, mesh,
-                           fit_baseline(source), split=split, step=int(state.step),
+                           fit_baseline(config, source), split=split, step=int(state.step),
                            workdir=workdir, prefix=f"{split}_")
   return summary

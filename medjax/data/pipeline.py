@@ -1,9 +1,11 @@
 """The grain input pipeline and the held-out volumes evaluation runs on.
 
-source → shard by process → seeded shuffle (fresh order every epoch) → repeat →
-augment → batch → prefetch. Every stage is a random-access grain `MapDataset`, so the
-iterator's whole state is one index: it goes into the checkpoint and a resumed run reads
-exactly the next batch.
+source → seeded shuffle (fresh order every epoch) → repeat → augment → batch →
+this process's rows of each global batch → prefetch. Every stage is a random-access grain
+`MapDataset`, so the iterator's whole state is one index: it goes into the checkpoint and
+a resumed run reads exactly the next batch. Every process lays out the same global stream
+and only reads (and augments) its own rows of it, so P processes train on exactly the
+batches one process would.
 
 Two sources yield the same slice records (DESIGN.md, "Batch"): `PhantomSlices`, which
 renders phantom subjects on the fly (the main job needs no files), and the ArrayRecord
@@ -95,7 +97,31 @@ def train_source(config):
   if config.data.kind == "phantom":
     return PhantomSlices(config, phantom_split(config)["train"])
   from medjax.data import shards
+  check_shards(config)
   return shards.ShardSlices(config.data.dir, "train")
+
+
+def check_shards(config) -> dict:
+  """The shard folder's prepare settings, after checking they are what the config asks."""
+  from medjax.data import shards
+  import os
+  if not os.path.isfile(os.path.join(config.data.dir, "manifest.json")):
+    raise config_lib.ConfigError(
+        f"data.dir={config.data.dir!r} holds no manifest.json: run `medjax prepare` first")
+  settings = shards.load_manifest(config.data.dir)["settings"]
+  asked = {"sources": list(config_lib.source_modalities(config)), "targets": [config.data.target]}
+  for key, value in asked.items():
+    if settings[key] != value:
+      raise config_lib.ConfigError(
+          f"{config.data.dir} was prepared with {key}={settings[key]}, the config asks {value}")
+  return settings
+
+
+def baseline_channel(config) -> int:
+  """The source channel holding the first modality's centre slice (2.5D context aside)."""
+  if config.data.kind == "phantom":
+    return 0
+  return int(check_shards(config)["context"])
 
 
 def eval_volumes(config, split: str) -> list[Volume]:
@@ -111,9 +137,8 @@ def _augment(record, rng):
   return augment.augment_record(record, rng)
 
 
-def _shuffled(source, seed: int, process_index: int, process_count: int) -> grain.MapDataset:
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  return ds.shuffle(seed=seed).repeat()
+def _shuffled(source, seed: int) -> grain.MapDataset:
+  return grain.MapDataset.source(source).shuffle(seed=seed).repeat()
 
 
 def _unpair(pair):
@@ -133,13 +158,16 @@ def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  ds = _shuffled(source, seed, process_index, process_count)
+  ds = _shuffled(source, seed)
   if target_source is not None:
-    targets = _shuffled(target_source, seed + 7919, process_index, process_count)
+    targets = _shuffled(target_source, seed + 7919)
     ds = grain.experimental.ZipMapDataset([ds, targets]).map(_unpair)
   if augment:
-    ds = ds.random_map(_augment, seed=seed + 1)
-  ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.random_map(_augment, seed=seed + 1)  # seeded by global position: same on any P
+  # Global batch g is local batches g·P … g·P+P-1 of the one global stream; process i keeps
+  # the i-th, which is the rows `make_array_from_process_local_data` expects of it. The
+  # maps above are lazy, so a process never reads or augments the other processes' rows.
+  ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size))
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
