@@ -170,6 +170,9 @@ def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
   ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size))
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a notebook has none
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it
 
