@@ -1,0 +1,161 @@
+"""CycleGAN (Zhu et al. 2017): unpaired translation between domain A (source) and B (target).
+
+Two ResNet generators G: A → B and F: B → A, two unconditional PatchGANs D_A and D_B.
+No loss compares G(a) with the b of its own slice, so the batches may be unpaired (the
+pipeline's `data.unpaired` mode draws them from different subjects):
+
+    L_G = L_adv,G(D_B(G(a))) + L_adv,G(D_A(F(b)))
+          + λ_cyc (|F(G(a)) - a|₁ + |G(F(b)) - b|₁)
+          + λ_cyc λ_id (|G(b) - b|₁ + |F(a) - a|₁)
+    L_D = L_adv,D(D_B(b), D_B(pool_B(G(a)))) + L_adv,D(D_A(a), D_A(pool_A(F(b))))
+
+The identity terms need A and B to have the same channels and are dropped otherwise. The
+discriminators see generated images through a history pool (Shrivastava et al. 2017):
+each new image either enters it (while it fills) or, with probability ½, swaps with a
+random stored one, which is shown instead. The pools are arrays in the state, so the step
+stays jittable and a checkpoint resumes them. Evaluation uses the EMA of G: one network
+evaluation per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medjax import config as config_lib
+from medjax import models
+from medjax.translators import base
+from medjax.translators.pix2pix import (GAN_LOSSES, GANState, build_discriminator,
+                                        discriminator_loss, generator_loss)
+
+
+class CycleState(GANState):
+  pool_a: Any  # (pool_size, H, W, Cs) generated source-domain images
+  pool_b: Any  # (pool_size, H, W, 1) generated target-domain images
+  pool_count: jax.Array  # how many of the slots are filled (the same for both pools)
+
+
+def query_pool(pool, count, images, rng):
+  """Zhu et al.'s ImagePool for a batch: (images to show D, new pool, new count)."""
+  size = pool.shape[0]
+
+  def one(carry, inputs):
+    pool, count = carry
+    image, key = inputs
+    key_swap, key_index = jax.random.split(key)
+    filling = count < size
+    swap = jax.random.uniform(key_swap) < 0.5
+    index = jnp.where(filling, jnp.minimum(count, size - 1),
+                      jax.random.randint(key_index, (), 0, size))
+    stored = pool[index]
+    shown = jnp.where(~filling & swap, stored, image)
+    pool = pool.at[index].set(jnp.where(filling | swap, image, stored))
+    return (pool, jnp.minimum(count + 1, size)), shown
+
+  (pool, count), shown = jax.lax.scan(one, (pool, count),
+                                      (images, jax.random.split(rng, images.shape[0])))
+  return shown, pool, count
+
+
+class CycleGAN(base.Translator):
+  name = "cyclegan"
+
+  def __init__(self, config):
+    super().__init__(config)
+    cfg = config.translator
+    if cfg.gan_loss not in GAN_LOSSES:
+      raise ValueError(f"translator.gan_loss={cfg.gan_loss!r}; known: {GAN_LOSSES}")
+    if cfg.pool_size < 0:
+      raise ValueError(f"translator.pool_size={cfg.pool_size} must be ≥ 0 (0: no pool)")
+    self.gan_loss, self.pool_size = cfg.gan_loss, int(cfg.pool_size)
+    self.lambda_cycle, self.lambda_identity = float(cfg.lambda_cycle), float(cfg.lambda_identity)
+    self.discriminator = build_discriminator(config)
+    self.disc_tx = base.make_optimizer(config.train)
+
+  def build_model(self, config):
+    model = config.model.to_dict()
+    name = model.pop("name")
+    # F maps back to every source channel, so the cycle a → G(a) → F(G(a)) closes.
+    self.backward_model = models.build(
+        name, out_channels=len(config_lib.source_modalities(config)), **model)
+    return models.build(name, out_channels=1, **model)
+
+  def generate(self, params, image, *, backward=False):
+    model = self.backward_model if backward else self.model
+    return model.apply({"params": params}, image, train=True)
+
+  def judge(self, params, image):
+    return self.discriminator.apply({"params": params}, image, train=True)
+
+  def init(self, rng, batch) -> CycleState:
+    keys = jax.random.split(rng, 4)
+    source, target = batch["source"], batch["target"]
+    params = {"g": self.model.init(keys[0], source, train=False)["params"],
+              "f": self.backward_model.init(keys[1], target, train=False)["params"]}
+    disc_params = {"d_a": self.discriminator.init(keys[2], source, train=False)["params"],
+                   "d_b": self.discriminator.init(keys[3], target, train=False)["params"]}
+    pool = lambda x: jnp.zeros((max(self.pool_size, 1), *x.shape[1:]), jnp.float32)
+    return CycleState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=self.tx.init(params), disc_params=disc_params,
+                      disc_opt_state=self.disc_tx.init(disc_params),
+                      pool_a=pool(source), pool_b=pool(target),
+                      pool_count=jnp.zeros((), jnp.int32))
+
+  def train_step(self, state: CycleState, batch, rng):
+    rng_a, rng_b = jax.random.split(jax.random.fold_in(rng, state.step))
+    real_a, real_b = batch["source"], batch["target"]
+    same_channels = real_a.shape[-1] == real_b.shape[-1]
+    d = state.disc_params
+
+    def g_loss(params):
+      fake_b = self.generate(params["g"], real_a)
+      fake_a = self.generate(params["f"], real_b, backward=True)
+      adv = (generator_loss(self.gan_loss, self.judge(d["d_b"], fake_b))
+             + generator_loss(self.gan_loss, self.judge(d["d_a"], fake_a)))
+      cycle = (jnp.mean(jnp.abs(self.generate(params["f"], fake_b, backward=True) - real_a))
+               + jnp.mean(jnp.abs(self.generate(params["g"], fake_a) - real_b)))
+      identity = jnp.zeros(())
+      if same_channels and self.lambda_identity > 0:
+        identity = (jnp.mean(jnp.abs(self.generate(params["g"], real_b) - real_b))
+                    + jnp.mean(jnp.abs(self.generate(params["f"], real_a, backward=True)
+                                       - real_a)))
+      total = adv + self.lambda_cycle * (cycle + self.lambda_identity * identity)
+      return total, (fake_a, fake_b, adv, cycle, identity)
+
+    (loss, (fake_a, fake_b, adv, cycle, identity)), g_grads = jax.value_and_grad(
+        g_loss, has_aux=True)(state.params)
+    fake_a, fake_b = jax.lax.stop_gradient(fake_a), jax.lax.stop_gradient(fake_b)
+    pool_a, pool_b, count = state.pool_a, state.pool_b, state.pool_count
+    if self.pool_size:
+      fake_a, pool_a, _ = query_pool(pool_a, count, fake_a, rng_a)
+      fake_b, pool_b, count = query_pool(pool_b, count, fake_b, rng_b)
+
+    def d_loss(disc_params):
+      return (discriminator_loss(self.gan_loss, self.judge(disc_params["d_a"], real_a),
+                                 self.judge(disc_params["d_a"], fake_a))
+              + discriminator_loss(self.gan_loss, self.judge(disc_params["d_b"], real_b),
+                                   self.judge(disc_params["d_b"], fake_b)))
+
+    disc_loss, d_grads = jax.value_and_grad(d_loss)(state.disc_params)
+    updates, opt_state = self.tx.update(g_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d_updates, disc_opt_state = self.disc_tx.update(d_grads, state.disc_opt_state,
+                                                     state.disc_params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm((g_grads, d_grads)),
+               "g_adv": adv, "cycle": cycle, "identity": identity, "d_loss": disc_loss}
+    return state.replace(
+        step=state.step + 1, params=params,
+        ema_params=base.ema_update(state.ema_params, params, self.config.train.ema_decay),
+        opt_state=opt_state, disc_params=optax.apply_updates(state.disc_params, d_updates),
+        disc_opt_state=disc_opt_state, pool_a=pool_a, pool_b=pool_b,
+        pool_count=count), metrics
+
+  def inference_params(self, state):
+    return state.ema_params["g"]
+
+  def translate(self, params, source, rng=None, *, steps=None, samples=1):
+    pred = jnp.clip(self.generate(params, source), -1.0, 1.0)
+    return pred, jnp.zeros_like(pred)
