@@ -19,6 +19,8 @@ commands:
   evaluate   score a run's latest checkpoint on its held-out test subjects:  medjax evaluate --workdir runs/NAME
   phantom    write phantom subjects as NIfTI:  medjax phantom --out DIR --subjects N
   prepare    turn a dataset folder into ArrayRecord shards:  medjax prepare --layout L --root DIR --out DIR ...
+  translate  NIfTI in, NIfTI out (input geometry, HU for CT):  medjax translate --workdir RUN --input IN.nii.gz --output OUT.nii.gz
+  score      per-volume metrics of predictions against targets:  medjax score --pred DIR --target DIR --protocol synthrad2023
 
 `medjax <command> --help` for a command's options."""
 
@@ -26,6 +28,8 @@ commands:
 # name, module, stem of its add_<stem>_args / <stem>_main, help
 SUBCOMMANDS = (
     ("prepare", "medjax.data.shards", "prepare", "dataset folder → subject-split ArrayRecord shards"),
+    ("translate", "medjax.infer", "translate", "NIfTI in → NIfTI out with a trained run"),
+    ("score", "medjax.score", "score", "metrics of predicted volumes against their targets"),
 )
 
 

@@ -118,6 +118,12 @@ def run_evaluation(translator, state_params, config, mesh, baseline, *, split: s
         os.path.join(workdir, "images", f"{split}_{step:06d}.png"), volumes[0],
         predictions[0], target_modality=config.data.target,
         num_slices=config.eval.image_slices, stochastic=translator.stochastic)
+    from medjax import infer, report
+    report.write_report(
+        os.path.join(directory, f"{prefix}report"),
+        report.from_evaluation(volumes, predictions, rows, config.data.target,
+                               spacing=infer.preprocessing(config)["spacing"]),
+        protocol=summary["protocol"])
     if writer is not None:
       scalars = {f"{name}_{k}": v for name in ("model", "baseline")
                  for k, v in summary[name].items() if not k.endswith(("_std", "_median"))}

@@ -1,0 +1,271 @@
+"""`medjax score`: metrics of predicted volumes against their targets, per subject.
+
+Files are matched by subject. A plain folder names each volume by its path without the
+suffix (`OUT/phantom_003.nii.gz` → `phantom_003`), the way `medjax translate --output-dir`
+writes them (its `translations.json` also gives the sources and stds for the report); a
+dataset folder read through `--layout` gives each subject's target modality and its mask.
+The maths is `medjax.metrics.score`: nothing is computed here that training's evaluation
+does not compute the same way.
+
+Intensities: `synthrad2023`/`synthrad2025` take HU as stored. `mri` scores on [0, 1]: the
+target is scaled by its own robust range inside the mask (as in training), the prediction
+is read as already on [0, 1] (what `medjax translate` writes for MR targets) unless
+`--pred-scale robust` scales it the same way as the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from medjax import metrics
+from medjax.cli import UserError
+from medjax.data import intensity, volumes
+
+SUFFIXES = (".nii.gz", ".nii", ".mha")
+INDEX = "translations.json"
+
+
+@dataclasses.dataclass
+class Case:
+  """One subject's files."""
+  id: str
+  pred: Path | None = None
+  target: Path | None = None
+  mask: Path | None = None
+  source: Path | None = None
+  std: Path | None = None
+
+
+def image_files(directory) -> dict[str, Path]:
+  """{subject: file} for every volume under `directory`; the subject is the relative
+  path without its suffix. With a `translations.json` (translate's index) its entries."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"directory {directory} does not exist")
+  index = directory / INDEX
+  if index.exists():
+    entries = json.loads(index.read_text())["subjects"]
+    return {sid: directory / entry["prediction"] for sid, entry in entries.items()}
+  found = {}
+  for path in sorted(directory.rglob("*")):
+    name = path.name.lower()
+    suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+    if suffix and path.is_file() and not name.startswith(".tmp-"):
+      found[path.relative_to(directory).as_posix()[:-len(suffix)]] = path
+  return found
+
+
+def translation_extras(directory) -> dict[str, dict]:
+  """{subject: {"source": path, "std": path}} from translate's index, if there is one."""
+  index = Path(directory) / INDEX
+  if not index.exists():
+    return {}
+  extras = {}
+  for sid, entry in json.loads(index.read_text())["subjects"].items():
+    extras[sid] = {"source": Path(entry["sources"][0]) if entry.get("sources") else None,
+                   "std": Path(directory) / entry["std"] if entry.get("std") else None}
+  return extras
+
+
+def cases(pred_dir, target_dir, mask_dir=None, *, layout=None, modality=None) -> list[Case]:
+  """Every subject seen in either folder; a missing side stays None and is reported."""
+  preds = image_files(pred_dir)
+  masks = image_files(mask_dir) if mask_dir else {}
+  if layout:
+    from medjax.data import layouts
+    try:
+      subjects = layouts.find_subjects(layout, target_dir)
+    except ValueError as error:
+      raise UserError(str(error)) from None
+    targets = {s.id: s.files.get(modality) for s in subjects}
+    if not mask_dir:
+      masks = {s.id: s.files["mask"] for s in subjects if "mask" in s.files}
+  else:
+    targets = image_files(target_dir)
+  extras = translation_extras(pred_dir)
+  return [Case(sid, preds.get(sid), targets.get(sid), masks.get(sid),
+               extras.get(sid, {}).get("source"), extras.get(sid, {}).get("std"))
+          for sid in sorted(preds.keys() | targets.keys())]
+
+
+def load_case(case: Case, *, protocol: str, modality: str | None = None,
+              pred_scale: str = "unit") -> dict:
+  """Pred, target and mask as arrays on one grid, in the protocol's units; a `UserError`
+  naming the file for whatever is missing, unreadable, on another grid, or empty."""
+  if case.pred is None:
+    raise UserError(f"no prediction for target {case.target}")
+  if case.target is None:
+    raise UserError(f"no target for prediction {case.pred}")
+  arrays = {}
+  for name in ("pred", "target", "mask"):
+    path = getattr(case, name)
+    if path is None:
+      continue
+    try:
+      arrays[name], arrays[name + "_affine"] = volumes.load(path)
+    except volumes.VolumeError as error:
+      raise UserError(f"{path}: {error.reason}") from None
+  target, affine = arrays["target"], arrays["target_affine"]
+  for name in ("pred", "mask"):
+    if name in arrays and not volumes.same_grid(arrays[name].shape, arrays[name + "_affine"],
+                                                target.shape, affine):
+      raise UserError(
+          f"{getattr(case, name)}: its grid (shape {arrays[name].shape}) differs from the"
+          f" target {case.target} (shape {target.shape}); resample it onto the target first")
+  if "mask" in arrays:
+    mask = arrays["mask"] > 0
+    if not mask.any():
+      raise UserError(f"{case.mask}: empty mask")
+  else:
+    mask = volumes.body_mask(target)  # no mask file: the target's foreground
+    if not mask.any():
+      raise UserError(f"{case.target}: no foreground to score in (give --mask)")
+  pred = arrays["pred"]
+  if protocol == "mri":
+    modality = modality or "mr"
+    unit = lambda v: intensity.to_unit_interval(
+        intensity.normalise(v, intensity.fit(v, modality, mask)))
+    target = unit(target)
+    if pred_scale == "robust":
+      pred = unit(pred)
+  return {"pred": pred, "target": target, "mask": mask, "affine": affine}
+
+
+def score_cases(all_cases, *, protocol: str, modality=None, pred_scale="unit", log=None):
+  """Per-subject rows and {subject: reason} for those that could not be scored."""
+  rows, failed = [], {}
+  for case in all_cases:
+    try:
+      loaded = load_case(case, protocol=protocol, modality=modality, pred_scale=pred_scale)
+      row = {"subject": case.id, **metrics.score(loaded["pred"], loaded["target"],
+                                                 loaded["mask"], protocol=protocol)}
+    except (UserError, ValueError) as error:
+      failed[case.id] = str(error)
+      if log:
+        log(f"medjax score: {case.id}: {error}")
+      continue
+    rows.append(row)
+  return rows, failed
+
+
+def summary(rows, failed, protocol: str) -> dict:
+  """{"protocol", "subjects", "failed", "metrics": {name: {mean, std, median, n}}}."""
+  return {"protocol": protocol, "subjects": len(rows), "failed": failed,
+          "metrics": metrics.summarise(rows)}
+
+
+def write_results(path, rows, result: dict) -> Path:
+  """The per-subject CSV at `path`, the summary as JSON beside it (same name, .json)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  columns = ["subject"] + [k for k in rows[0] if k != "subject"] if rows else ["subject"]
+  tmp = path.with_name(".tmp-" + path.name)
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)
+  summary_path = path.with_suffix(".json")
+  tmp = summary_path.with_name(".tmp-" + summary_path.name)
+  tmp.write_text(json.dumps(result, indent=2))
+  os.replace(tmp, summary_path)
+  return summary_path
+
+
+def format_table(rows, result: dict) -> str:
+  names = [k for k in rows[0] if k != "subject"] if rows else []
+  width = max([len("subject"), len("median")] + [len(r["subject"]) for r in rows])
+  lines = [f"{'subject':{width}s}" + "".join(f"{n:>20s}" for n in names)]
+  lines += [f"{r['subject']:{width}s}" + "".join(f"{r[n]:20.4f}" for n in names) for r in rows]
+  stats = result["metrics"]
+  lines.append(f"{'mean ± std':{width}s}" + "".join(
+      f"{stats[n]['mean']:.4f} ± {stats[n]['std']:.4f}".rjust(20) for n in names))
+  lines.append(f"{'median':{width}s}" + "".join(f"{stats[n]['median']:20.4f}" for n in names))
+  return "\n".join(lines)
+
+
+# --- report ----------------------------------------------------------------------------
+
+def report_subjects(all_cases, rows, *, protocol, modality=None, pred_scale="unit"):
+  """`report.Subject`s (RAS voxel order) of the scored cases."""
+  from medjax import report
+  by_id = {c.id: c for c in all_cases}
+  for row in rows:
+    case = by_id[row["subject"]]
+    loaded = load_case(case, protocol=protocol, modality=modality, pred_scale=pred_scale)
+    affine = loaded["affine"]
+    ras = lambda v: None if v is None else volumes.to_ras(np.asarray(v, np.float32), affine)[0]
+    extra = {}
+    for name in ("source", "std"):
+      path = getattr(case, name)
+      extra[name] = ras(volumes.load(path)[0]) if path is not None and path.exists() else None
+    yield report.Subject(
+        id=case.id, prediction=ras(loaded["pred"]), target=ras(loaded["target"]),
+        mask=ras(loaded["mask"]), metrics={k: v for k, v in row.items() if k != "subject"},
+        spacing=tuple(volumes.voxel_spacing(volumes.to_ras(loaded["target"], affine)[1])),
+        **extra)
+
+
+# --- command line ----------------------------------------------------------------------
+
+def add_score_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  parser.add_argument("--pred", required=True, help="folder of predicted volumes")
+  parser.add_argument("--target", required=True,
+                      help="folder of target volumes, or a dataset folder with --layout")
+  parser.add_argument("--mask", help="folder of masks, named as the targets")
+  parser.add_argument("--protocol", required=True, choices=metrics.PROTOCOLS)
+  parser.add_argument("--layout", help="read --target as a dataset (synthrad2023, phantom, …)")
+  parser.add_argument("--modality", help="the target modality in a --layout dataset"
+                      " (default: ct for synthrad protocols, translate's target if known)")
+  parser.add_argument("--pred-scale", choices=("unit", "robust"), default="unit",
+                      help="mri: predictions already on [0, 1] (unit), or scale them by"
+                      " their own robust range like the targets (robust)")
+  parser.add_argument("--out", help="per-subject CSV (default: PRED/scores.csv); the summary"
+                      " JSON goes beside it")
+  parser.add_argument("--report", help="also write a PNG per subject and report.md here")
+  return parser
+
+
+def _modality(args) -> str | None:
+  if args.modality:
+    return args.modality
+  index = Path(args.pred) / INDEX
+  if index.exists():
+    return json.loads(index.read_text()).get("target")
+  return "ct" if args.protocol.startswith("synthrad") else None
+
+
+def score_main(args) -> int:
+  modality = _modality(args)
+  if args.layout and not modality:
+    raise UserError("--layout needs --modality (which file of each subject is the target)")
+  all_cases = cases(args.pred, args.target, args.mask, layout=args.layout, modality=modality)
+  if not all_cases:
+    raise UserError(f"no volumes in {args.pred} or {args.target}")
+  log = lambda line: print(line, file=sys.stderr)
+  rows, failed = score_cases(all_cases, protocol=args.protocol, modality=modality,
+                             pred_scale=args.pred_scale, log=log)
+  if not rows:
+    raise UserError(f"no subject could be scored ({len(failed)} failed; first:"
+                    f" {next(iter(failed.values()))})")
+  result = summary(rows, failed, args.protocol)
+  out = Path(args.out or Path(args.pred) / "scores.csv")
+  summary_path = write_results(out, rows, result)
+  print(format_table(rows, result))
+  print(f"{len(rows)} subject(s) scored ({args.protocol}) → {out}, {summary_path}"
+        + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+  if args.report:
+    from medjax import report
+    page = report.write_report(args.report, report_subjects(
+        all_cases, rows, protocol=args.protocol, modality=modality, pred_scale=args.pred_scale),
+        protocol=args.protocol)
+    print(f"report: {page}")
+  return 1 if failed else 0
