@@ -20,6 +20,7 @@ commands:
   phantom    write phantom subjects as NIfTI:  medjax phantom --out DIR --subjects N
   prepare    turn a dataset folder into ArrayRecord shards:  medjax prepare --layout L --root DIR --out DIR ...
   translate  NIfTI in, NIfTI out (input geometry, HU for CT):  medjax translate --workdir RUN --input IN.nii.gz --output OUT.nii.gz
+  sweep      one config over a grid of overrides:  medjax sweep --config C --sweep experiments/sweeps/S.py --workdir ROOT --parallel 2
   score      per-volume metrics of predictions against targets:  medjax score --pred DIR --target DIR --protocol synthrad2023
 
 `medjax <command> --help` for a command's options."""
@@ -30,6 +31,7 @@ SUBCOMMANDS = (
     ("prepare", "medjax.data.shards", "prepare", "dataset folder → subject-split ArrayRecord shards"),
     ("translate", "medjax.infer", "translate", "NIfTI in → NIfTI out with a trained run"),
     ("score", "medjax.score", "score", "metrics of predicted volumes against their targets"),
+    ("sweep", "medjax.sweep", "sweep", "run a grid of overrides, one process per point"),
 )
 
 
@@ -180,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
   from medjax import train as _  # noqa: F401  (import errors surface before user errors)
   known = (UserError, config_lib.ConfigError, FileNotFoundError, NotADirectoryError)
   try:
+    from medjax.sweep import SweepError
     from medjax.train import NonFiniteError, WorkdirError
-    known += (NonFiniteError, WorkdirError)
+    known += (NonFiniteError, WorkdirError, SweepError)
     if argv[1] == "train":
       return _train(argv[1:])
     args = _parser().parse_args(argv[1:])

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+import numpy as np
 
 
 def display(slice_xy: np.ndarray) -> np.ndarray:
@@ -20,8 +17,8 @@ def save_grid(path: str, rows: list[dict[str, np.ndarray]], ranges: dict[str, tu
               units: str = "") -> str:
   """`rows` of {column name: 2D slice}; `ranges` gives each column's (vmin, vmax)."""
   columns = list(rows[0])
-  fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
-                           figsize=(2.2 * len(columns), 2.2 * len(rows)))
+  fig = Figure(figsize=(2.2 * len(columns), 2.2 * len(rows)))
+  axes = fig.subplots(len(rows), len(columns), squeeze=False)
   for r, row in enumerate(rows):
     for c, name in enumerate(columns):
       ax = axes[r][c]
@@ -37,6 +34,5 @@ def save_grid(path: str, rows: list[dict[str, np.ndarray]], ranges: dict[str, tu
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=80)
-  plt.close(fig)
   os.replace(tmp, path)
   return path

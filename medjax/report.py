@@ -16,11 +16,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+import numpy as np
 
 COLUMNS = ("source", "prediction", "target", "|error|", "std")
 VIEWS = ("axial", "coronal", "sagittal")
@@ -74,8 +71,8 @@ def save_views(path, subject: Subject, protocol: str = "mri") -> str:
   volumes = {"source": subject.source, "prediction": subject.prediction,
              "target": subject.target, "|error|": error, "std": subject.std}
   at = centre(subject)
-  fig, axes = plt.subplots(len(VIEWS), len(COLUMNS), squeeze=False,
-                           figsize=(2.3 * len(COLUMNS), 2.3 * len(VIEWS)))
+  fig = Figure(figsize=(2.3 * len(COLUMNS), 2.3 * len(VIEWS)))
+  axes = fig.subplots(len(VIEWS), len(COLUMNS), squeeze=False)
   for c, name in enumerate(COLUMNS):
     volume = volumes[name]
     if name == "source" and volume is not None:
@@ -107,7 +104,6 @@ def save_views(path, subject: Subject, protocol: str = "mri") -> str:
   path = str(path)
   tmp = os.path.join(os.path.dirname(path) or ".", ".tmp-" + os.path.basename(path))
   fig.savefig(tmp, dpi=80, format="png")
-  plt.close(fig)
   os.replace(tmp, path)
   return path
 

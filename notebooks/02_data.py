@@ -1,0 +1,167 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Data: from a folder of NIfTI files to the batches a run trains on
+#
+# The one direction data flows in medjax: **layouts** find subjects and their modality
+# files → **volumes** are resampled and normalised → **shards** hold a subject-level split
+# of slice pairs → the grain **pipeline** shuffles, augments and batches them, each
+# process reading only its own rows of every global batch.
+#
+# The phantom, written as NIfTI files, stands in for a dataset folder here; point
+# `find_subjects` / `prepare` at IXI, BraTS, SynthRAD, BIDS or a CSV the same way.
+# `MEDJAX_NOTEBOOK_SIZE=tiny` makes everything small enough for CI.
+
+# %%
+import io
+import os
+import pathlib
+import tempfile
+
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import Image, display
+
+from medjax.data import augment, layouts, phantom, pipeline, shards
+
+TINY = os.environ.get("MEDJAX_NOTEBOOK_SIZE") == "tiny"
+WORKDIR = pathlib.Path(os.environ.get("MEDJAX_NOTEBOOK_WORKDIR")
+                       or tempfile.mkdtemp(prefix="medjax_data_"))
+SUBJECTS = 5 if TINY else 10
+SHAPE = (32, 32, 12) if TINY else (80, 80, 48)
+
+
+def show(fig):
+  # A PNG rather than plt.show(): medjax's image writers select matplotlib's file
+  # backend, which would silence plt.show() in a notebook.
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+  plt.close(fig)
+  display(Image(buffer.getvalue()))
+
+# %% [markdown]
+# ## A dataset folder
+# `medjax phantom --out DIR` writes the same files: one folder per subject with
+# `t1w, t2w, pd, flair, ct, mask .nii.gz` in RAS, 1 mm-ish voxels over the head.
+
+# %%
+root = WORKDIR / "phantom_nifti"
+phantom.write_subjects(root, SUBJECTS, shape=SHAPE, spacing=phantom.fov_spacing(SHAPE),
+                       progress=False)
+subjects = layouts.find_subjects("phantom", root)
+for subject in subjects[:3]:
+  print(subject.id, {m: pathlib.Path(p).name for m, p in sorted(subject.files.items())})
+print(f"… {len(subjects)} subjects; layouts known: {', '.join(sorted(layouts.LAYOUTS))}")
+
+# %% [markdown]
+# ## Shards
+# `prepare` (= `medjax prepare`) splits by subject — no subject has slices on both sides
+# of the train/test line — resamples to one grid, normalises each modality
+# (MR: robust percentiles inside the body → [-1, 1]; CT: HU window → [-1, 1]) and writes one
+# ArrayRecord shard of foreground slices per subject, plus `manifest.json`.
+
+# %%
+out = WORKDIR / "shards"
+size = SHAPE[0]
+manifest = shards.prepare("phantom", root, out, sources=["t1w"], target=["ct"],
+                          spacing=phantom.fov_spacing(SHAPE), size=size, progress=False)
+print(manifest["command"])
+print("subjects per split:", manifest["counts"]["subjects"])
+print("slices per split:  ", manifest["counts"]["slices"])
+for split in shards.SPLITS:
+  print(f"{split:5s}", [p.name for p in shards.shard_paths(out, split)])
+
+# %%
+train_slices = shards.ShardSlices(out, "train")
+records = [train_slices[i] for i in range(len(train_slices))]
+# Four records of different subjects, each its subject's slice with the most head in it.
+largest = {}
+for index, r in enumerate(records):
+  area = r["mask"].sum()
+  if area > largest.get(int(r["subject"]), (-1, None))[0]:
+    largest[int(r["subject"])] = (area, index)
+picks = [index for _, index in list(largest.values())[:4]]
+fig, axes = plt.subplots(3, len(picks), figsize=(2.4 * len(picks), 7.2))
+for column, index in enumerate(picks):
+  record = records[index]
+  for row, (key, style) in enumerate((("source", dict(vmin=-1, vmax=1)),
+                                      ("target", dict(vmin=-1, vmax=1)),
+                                      ("mask", dict(vmin=0, vmax=1)))):
+    axes[row, column].imshow(np.rot90(record[key][..., 0]), cmap="gray", **style)
+    axes[row, column].set_title(f"{key}  s{int(record['subject'])} z{int(record['slice'])}",
+                                fontsize=8)
+    axes[row, column].axis("off")
+fig.suptitle("training records from the shards (T1w source, CT target, both in [-1, 1])")
+show(fig)
+
+# %% [markdown]
+# ## Augmentation
+# One random flip / rotation / scaling moves source, target and mask together; a gain and
+# bias jitter touches the source only. The pipeline seeds it by a record's position in
+# the global stream, so a resumed run and a run on more processes see the same draws.
+
+# %%
+record = records[picks[0]]
+fig, axes = plt.subplots(2, 6, figsize=(13, 4.6))
+for column in range(6):
+  augmented = record if column == 0 else augment.augment_record(
+      record, np.random.default_rng(column), p_affine=0.7)
+  axes[0, column].imshow(np.rot90(augmented["source"][..., 0]), cmap="gray", vmin=-1, vmax=1)
+  axes[1, column].imshow(np.rot90(augmented["target"][..., 0]), cmap="gray", vmin=-1, vmax=1)
+  axes[0, column].set_title("original" if column == 0 else f"draw {column}", fontsize=9)
+  for ax in axes[:, column]:
+    ax.axis("off")
+axes[0, 0].set_ylabel("source")
+fig.suptitle("one record, augmented: top source (T1w), bottom target (CT)")
+show(fig)
+
+# %% [markdown]
+# ## Batches, and how processes share them
+# A run on P processes lays out the same shuffled global stream in every process; each
+# reads and augments only its own rows of each global batch, which
+# `jax.make_array_from_process_local_data` joins into the global array. So P processes
+# train on exactly the batches one process would (tests/test_multihost.py checks it).
+
+# %%
+batch_size = 8
+one = next(iter(pipeline.make_dataset(train_slices, seed=0, batch_size=batch_size,
+                                      augment=True, process_index=0, process_count=1)))
+parts = [next(iter(pipeline.make_dataset(train_slices, seed=0, batch_size=batch_size // 2,
+                                         augment=True, process_index=i, process_count=2)))
+         for i in range(2)]
+ids = lambda batch: [f"s{s}z{z}" for s, z in zip(batch["subject"], batch["slice"])]
+print("one process:      ", ids(one))
+for i, part in enumerate(parts):
+  print(f"process {i} of 2:   ", ids(part))
+joined = {k: np.concatenate([p[k] for p in parts]) for k in one}
+assert all(np.array_equal(joined[k], one[k]) for k in one)
+print({k: (v.shape, v.dtype.name) for k, v in one.items()})
+
+fig, axes = plt.subplots(2, batch_size, figsize=(1.6 * batch_size, 3.6))
+for column in range(batch_size):
+  axes[0, column].imshow(np.rot90(one["source"][column, ..., 0]), cmap="gray", vmin=-1, vmax=1)
+  axes[1, column].imshow(np.rot90(one["target"][column, ..., 0]), cmap="gray", vmin=-1, vmax=1)
+  axes[0, column].set_title(f"process {column // (batch_size // 2)}", fontsize=8)
+  for ax in axes[:, column]:
+    ax.axis("off")
+fig.suptitle("one global batch (augmented); each half is read by one of two processes")
+show(fig)
+
+# %% [markdown]
+# ## Training on the shards
+# The experiment reads them with `data.kind='shards'`:
+
+# %%
+print(f"medjax train --config experiments/phantom_mr_ct.py --workdir runs/mr_ct_shards "
+      f"--config.data.kind=shards --config.data.dir={out}")
