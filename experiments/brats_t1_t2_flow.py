@@ -12,20 +12,4 @@ from medjax import config as config_lib
 
 
 def get_config():
-  config = config_lib.base_config()
-  config.data.kind = "shards"
-  config.data.source = ("t1w",)
-  config.data.target = "t2w"
-  config.data.workers = 2
-  config.model.channels = 64
-  config.model.channel_mult = (1, 2, 2, 4)
-  config.model.num_res_blocks = 2
-  config.model.attention_levels = (3,)
-  config.train.steps = 100_000
-  config.train.batch_size = 32
-  config.train.learning_rate = 2e-4
-  config.train.warmup_steps = 1000
-  config.eval.every = 5000
-  config.eval.steps = 16
-  config.checkpoint.every = 2500
-  return config
+  return config_lib.shards_config(source=("t1w",), target="t2w")

@@ -84,6 +84,27 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def shards_config(source: tuple[str, ...], target: str) -> ml_collections.ConfigDict:
+  """Real data from `medjax prepare` shards, sized for one accelerator (256² slices)."""
+  config = base_config()
+  config.data.kind = "shards"
+  config.data.source = tuple(source)
+  config.data.target = target
+  config.data.workers = 2
+  config.model.channels = 64
+  config.model.channel_mult = (1, 2, 2, 4)
+  config.model.num_res_blocks = 2
+  config.model.attention_levels = (3,)
+  config.train.steps = 100_000
+  config.train.batch_size = 32
+  config.train.learning_rate = 2e-4
+  config.train.warmup_steps = 1000
+  config.eval.every = 5000
+  config.eval.steps = 16
+  config.checkpoint.every = 2500
+  return config
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raise ConfigError for a config that would fail later, less clearly."""
   data, train = config.data, config.train
