@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.translator.steps = 8  # sampling steps when none are asked for
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 1500
+  config.train.steps = 1000
   config.train.batch_size = 16
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 100

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medjax import config as config_lib
 from medjax import models
 from medjax.translators import base
 from medjax.translators.pix2pix import (GAN_LOSSES, GANState, build_discriminator,
@@ -39,25 +38,37 @@ class CycleState(GANState):
 
 
 def query_pool(pool, count, images, rng):
-  """Zhu et al.'s ImagePool for a batch: (images to show D, new pool, new count)."""
-  size = pool.shape[0]
+  """Zhu et al.'s ImagePool for a batch: (images to show D, new pool, new count).
 
-  def one(carry, inputs):
-    pool, count = carry
-    image, key = inputs
-    key_swap, key_index = jax.random.split(key)
-    filling = count < size
-    swap = jax.random.uniform(key_swap) < 0.5
-    index = jnp.where(filling, jnp.minimum(count, size - 1),
-                      jax.random.randint(key_index, (), 0, size))
-    stored = pool[index]
-    shown = jnp.where(~filling & swap, stored, image)
-    pool = pool.at[index].set(jnp.where(filling | swap, image, stored))
-    return (pool, jnp.minimum(count + 1, size)), shown
+  The batch is handled at once rather than image by image: while the pool fills, image i
+  takes slot count + i; past that, each image swaps with probability ½ for a random slot
+  filled earlier. Two images drawing the same slot both see its old occupant (one by one,
+  the second would see the first), a difference of no consequence to D.
+  """
+  size, batch = pool.shape[0], images.shape[0]
+  # The pool is state, replicated; the batch is split over the mesh's data axis. Gather the
+  # (few) generated images first, so every device updates the same pool.
+  images = _replicated(images)
+  key_swap, key_index = jax.random.split(rng)
+  slot = count + jnp.arange(batch)
+  filling = slot < size
+  # Swaps draw only from slots filled before this batch, never from ones it is filling.
+  swap = (jax.random.uniform(key_swap, (batch,)) < 0.5) & (count > 0)
+  index = jnp.where(filling, jnp.minimum(slot, size - 1),
+                    jax.random.randint(key_index, (batch,), 0, jnp.maximum(count, 1)))
+  shown = jnp.where((~filling & swap)[:, None, None, None], pool[index], images)
+  # Images that neither fill nor swap write nowhere: their index is pushed out of range.
+  pool = pool.at[jnp.where(filling | swap, index, size)].set(images, mode="drop")
+  return shown, pool, jnp.minimum(count + batch, size)
 
-  (pool, count), shown = jax.lax.scan(one, (pool, count),
-                                      (images, jax.random.split(rng, images.shape[0])))
-  return shown, pool, count
+
+def _replicated(x):
+  sharding = jax.typeof(x).sharding
+  if getattr(sharding, "mesh", None) is None or sharding.mesh.empty or all(
+      axis is None for axis in sharding.spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh,
+                                                             jax.sharding.PartitionSpec()))
 
 
 class CycleGAN(base.Translator):
@@ -76,15 +87,21 @@ class CycleGAN(base.Translator):
     self.disc_tx = base.make_optimizer(config.train)
 
   def build_model(self, config):
-    model = config.model.to_dict()
-    name = model.pop("name")
-    # F maps back to every source channel, so the cycle a → G(a) → F(G(a)) closes.
-    self.backward_model = models.build(
-        name, out_channels=len(config_lib.source_modalities(config)), **model)
-    return models.build(name, out_channels=1, **model)
+    return models.build(config.model.name, out_channels=1, **self._backbone(config))
 
-  def generate(self, params, image, *, backward=False):
-    model = self.backward_model if backward else self.model
+  @staticmethod
+  def _backbone(config):
+    return {k: v for k, v in config.model.to_dict().items() if k != "name"}
+
+  def backward_model(self, channels: int):
+    # F maps back to every source channel (modalities and any 2.5D context slices), so the
+    # cycle a → G(a) → F(G(a)) closes; their number is only known from the data.
+    return models.build(self.config.model.name, out_channels=channels,
+                        **self._backbone(self.config))
+
+  def generate(self, params, image, *, channels=None):
+    """G(image), or F(image) back to `channels` source channels."""
+    model = self.model if channels is None else self.backward_model(channels)
     return model.apply({"params": params}, image, train=True)
 
   def judge(self, params, image):
@@ -94,7 +111,8 @@ class CycleGAN(base.Translator):
     keys = jax.random.split(rng, 4)
     source, target = batch["source"], batch["target"]
     params = {"g": self.model.init(keys[0], source, train=False)["params"],
-              "f": self.backward_model.init(keys[1], target, train=False)["params"]}
+              "f": self.backward_model(source.shape[-1]).init(keys[1], target,
+                                                               train=False)["params"]}
     disc_params = {"d_a": self.discriminator.init(keys[2], source, train=False)["params"],
                    "d_b": self.discriminator.init(keys[3], target, train=False)["params"]}
     pool = lambda x: jnp.zeros((max(self.pool_size, 1), *x.shape[1:]), jnp.float32)
@@ -107,20 +125,21 @@ class CycleGAN(base.Translator):
   def train_step(self, state: CycleState, batch, rng):
     rng_a, rng_b = jax.random.split(jax.random.fold_in(rng, state.step))
     real_a, real_b = batch["source"], batch["target"]
-    same_channels = real_a.shape[-1] == real_b.shape[-1]
+    channels = real_a.shape[-1]
+    same_channels = channels == real_b.shape[-1]
     d = state.disc_params
 
     def g_loss(params):
       fake_b = self.generate(params["g"], real_a)
-      fake_a = self.generate(params["f"], real_b, backward=True)
+      fake_a = self.generate(params["f"], real_b, channels=channels)
       adv = (generator_loss(self.gan_loss, self.judge(d["d_b"], fake_b))
              + generator_loss(self.gan_loss, self.judge(d["d_a"], fake_a)))
-      cycle = (jnp.mean(jnp.abs(self.generate(params["f"], fake_b, backward=True) - real_a))
+      cycle = (jnp.mean(jnp.abs(self.generate(params["f"], fake_b, channels=channels) - real_a))
                + jnp.mean(jnp.abs(self.generate(params["g"], fake_a) - real_b)))
       identity = jnp.zeros(())
       if same_channels and self.lambda_identity > 0:
         identity = (jnp.mean(jnp.abs(self.generate(params["g"], real_b) - real_b))
-                    + jnp.mean(jnp.abs(self.generate(params["f"], real_a, backward=True)
+                    + jnp.mean(jnp.abs(self.generate(params["f"], real_a, channels=channels)
                                        - real_a)))
       total = adv + self.lambda_cycle * (cycle + self.lambda_identity * identity)
       return total, (fake_a, fake_b, adv, cycle, identity)
@@ -148,7 +167,8 @@ class CycleGAN(base.Translator):
                "g_adv": adv, "cycle": cycle, "identity": identity, "d_loss": disc_loss}
     return state.replace(
         step=state.step + 1, params=params,
-        ema_params=base.ema_update(state.ema_params, params, self.config.train.ema_decay),
+        ema_params=base.ema_update(state.ema_params, params, self.config.train.ema_decay,
+                                   state.step),
         opt_state=opt_state, disc_params=optax.apply_updates(state.disc_params, d_updates),
         disc_opt_state=disc_opt_state, pool_a=pool_a, pool_b=pool_b,
         pool_count=count), metrics

@@ -108,7 +108,8 @@ class Pix2Pix(base.Translator):
                "g_adv": adv, "l1": l1, "d_loss": disc_loss}
     return state.replace(
         step=state.step + 1, params=params,
-        ema_params=base.ema_update(state.ema_params, params, self.config.train.ema_decay),
+        ema_params=base.ema_update(state.ema_params, params, self.config.train.ema_decay,
+                                   state.step),
         opt_state=opt_state, disc_params=optax.apply_updates(state.disc_params, d_updates),
         disc_opt_state=disc_opt_state), metrics
 
