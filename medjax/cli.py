@@ -87,8 +87,13 @@ def _train(argv: list[str]) -> int:
   parallel.maybe_initialize_distributed(flag_values.coordinator, flag_values.num_processes,
                                         flag_values.process_id)
   _enable_compilation_cache()
+  import jax
   from medjax import train
-  train.train_and_evaluate(config, flag_values.workdir)
+  summary = train.train_and_evaluate(config, flag_values.workdir)
+  if jax.process_index() == 0:
+    step_dir = os.path.join(flag_values.workdir, "eval", str(summary["step"]))
+    print(f"results: {step_dir}/summary.json, per subject: {step_dir}/subjects.csv, "
+          f"pictures: {os.path.join(flag_values.workdir, 'images')}/ and {step_dir}/report/")
   return 0
 
 

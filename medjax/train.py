@@ -204,6 +204,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
                                  writer=writer)
         if jax.process_index() == 0:
           tqdm.write(format_summary(summary))
+        tick = time.perf_counter()  # steps/s measures training, not evaluation
   finally:
     bar.close()
     checkpointer.close()

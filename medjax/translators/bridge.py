@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import config as config_lib
 from medjax.translators import base
 
 BRIDGES = ("brownian", "i2sb")
@@ -81,8 +82,11 @@ class Bridge(base.Translator):
     return (1.0 - m) * target + m * source + jnp.sqrt(self.variance(m)) * noise
 
   def _start(self, source):
-    # The bridge ends on the first source channel; all channels still condition the network.
-    return source[..., :1]
+    # The bridge ends on the first modality's centre slice (with 2.5D context each modality
+    # brings 2k+1 channels, z-k … z+k); all channels still condition the network.
+    per_modality = source.shape[-1] // len(config_lib.source_modalities(self.config))
+    centre = per_modality // 2
+    return source[..., centre:centre + 1]
 
   def _scale(self, m):
     """x_t - x0 = scale · prediction."""
