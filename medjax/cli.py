@@ -20,6 +20,7 @@ commands:
   phantom    write phantom subjects as NIfTI:  medjax phantom --out DIR --subjects N
   prepare    turn a dataset folder into ArrayRecord shards:  medjax prepare --layout L --root DIR --out DIR ...
   translate  NIfTI in, NIfTI out (input geometry, HU for CT):  medjax translate --workdir RUN --input IN.nii.gz --output OUT.nii.gz
+  compare    methods side by side at one budget:  medjax compare --configs experiments/phantom_flow.py experiments/phantom_pix2pix.py --workdir ROOT
   sweep      one config over a grid of overrides:  medjax sweep --config C --sweep experiments/sweeps/S.py --workdir ROOT --parallel 2
   score      per-volume metrics of predictions against targets:  medjax score --pred DIR --target DIR --protocol synthrad2023
 
@@ -32,6 +33,7 @@ SUBCOMMANDS = (
     ("translate", "medjax.infer", "translate", "NIfTI in → NIfTI out with a trained run"),
     ("score", "medjax.score", "score", "metrics of predicted volumes against their targets"),
     ("sweep", "medjax.sweep", "sweep", "run a grid of overrides, one process per point"),
+    ("compare", "medjax.compare", "compare", "train several methods at one budget, one table"),
 )
 
 
