@@ -88,20 +88,10 @@ def train_seconds(workdir: str) -> float:
 
 
 def restore(config, workdir: str, mesh):
-  """The translator and its inference params from the run's latest checkpoint."""
-  from medjax import checkpoint as checkpoint_lib
-  from medjax import train, translators
-  from medjax.data import pipeline
-  translator = translators.build(config)
-  source = pipeline.train_source(config)
-  abstract, _ = train.create_state(translator, config, mesh, source)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                             async_save=False)
-  try:
-    state = checkpointer.restore(abstract)
-  finally:
-    checkpointer.close()
-  return translator, translator.inference_params(state), train.fit_baseline(config, source)
+  """The translator, its inference params and the baseline of a finished run."""
+  from medjax import train
+  translator, state, baseline = train.restore_checkpoint(config, workdir, mesh)
+  return translator, translator.inference_params(state), baseline
 
 
 def picked_slices(volume, count: int) -> np.ndarray:
@@ -120,9 +110,6 @@ def run_one(spec: str, args, mesh) -> dict:
   config.eval.every = config.checkpoint.every = args.steps
   config.train.warmup_steps = min(config.train.warmup_steps, args.steps // 10)
   config.logging.progress = False
-  # The EMA must forget its initialisation within the budget: at 0.999 and a few hundred
-  # steps, evaluation would score mostly the untrained network.
-  config.train.ema_decay = min(config.train.ema_decay, 1.0 - 10.0 / args.steps)
   if args.batch_size:
     config.train.batch_size = args.batch_size
   if args.samples:

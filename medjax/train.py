@@ -215,11 +215,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   return summary
 
 
-def evaluate_checkpoint(workdir: str, *, split: str = "test", step: int | None = None,
-                        mesh=None) -> dict:
-  """`medjax evaluate`: score the latest (or a given) checkpoint on held-out subjects."""
-  config = load_config(workdir)
-  mesh = mesh or parallel.make_mesh()
+def restore_checkpoint(config, workdir: str, mesh, *, step: int | None = None):
+  """The translator, its restored state and the baseline of a run (latest step by default)."""
   translator = build_translator(config)
   source = pipeline.train_source(config)
   abstract, _ = create_state(translator, config, mesh, source)
@@ -229,7 +226,15 @@ def evaluate_checkpoint(workdir: str, *, split: str = "test", step: int | None =
     state = checkpointer.restore(abstract, step=step)
   finally:
     checkpointer.close()
-  summary = run_evaluation(translator, translator.inference_params(state), config, mesh,
-                           fit_baseline(config, source), split=split, step=int(state.step),
-                           workdir=workdir, prefix=f"{split}_")
-  return summary
+  return translator, state, fit_baseline(config, source)
+
+
+def evaluate_checkpoint(workdir: str, *, split: str = "test", step: int | None = None,
+                        mesh=None) -> dict:
+  """`medjax evaluate`: score the latest (or a given) checkpoint on held-out subjects."""
+  config = load_config(workdir)
+  mesh = mesh or parallel.make_mesh()
+  translator, state, baseline = restore_checkpoint(config, workdir, mesh, step=step)
+  return run_evaluation(translator, translator.inference_params(state), config, mesh,
+                        baseline, split=split, step=int(state.step), workdir=workdir,
+                        prefix=f"{split}_")
