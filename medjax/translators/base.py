@@ -72,8 +72,20 @@ class Translator:
   def loss(self, params, batch, rng) -> tuple[jax.Array, dict]:
     raise NotImplementedError
 
-  def translate(self, params, source, rng, *, steps=None, samples=1):
+  def sample(self, params, source, rng, steps: int):
+    """One draw of the target given the source (stochastic methods)."""
     raise NotImplementedError
+
+  def translate(self, params, source, rng, *, steps=None, samples=1):
+    """Mean and per-voxel standard deviation of `samples` draws of `sample`.
+
+    `lax.map` keeps one draw's activations in memory at a time, whatever K is.
+    """
+    steps = steps or self.config.translator.steps
+    draws = jax.lax.map(lambda key: self.sample(params, source, key, steps),
+                        jax.random.split(rng, samples))
+    draws = jnp.clip(draws, -1.0, 1.0)
+    return draws.mean(0), draws.std(0)
 
   def nfe(self, steps: int | None) -> int:
     """Network evaluations per sample for `steps` sampling steps."""

@@ -128,10 +128,3 @@ class Bridge(base.Translator):
                                         jnp.asarray(ts[1:], jnp.float32),
                                         jax.random.split(rng, steps)))
     return x_0
-
-  def translate(self, params, source, rng, *, steps=None, samples=1):
-    steps = steps or self.config.translator.steps
-    draws = jax.lax.map(lambda key: self.sample(params, source, key, steps),
-                        jax.random.split(rng, samples))
-    draws = jnp.clip(draws, -1.0, 1.0)
-    return draws.mean(0), draws.std(0)

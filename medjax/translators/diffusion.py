@@ -139,10 +139,3 @@ class Diffusion(base.Translator):
     x_0, _ = jax.lax.scan(step, x_T, (jnp.asarray(ts), jnp.asarray(t_prev, jnp.int32),
                                       jax.random.split(rng_steps, steps)))
     return x_0
-
-  def translate(self, params, source, rng, *, steps=None, samples=1):
-    steps = steps or self.config.translator.steps
-    draws = jax.lax.map(lambda key: self.sample(params, source, key, steps),
-                        jax.random.split(rng, samples))
-    draws = jnp.clip(draws, -1.0, 1.0)
-    return draws.mean(0), draws.std(0)

@@ -64,10 +64,3 @@ class Flow(base.Translator):
       return x + 0.5 * dt * (v0 + v1)
 
     return jax.lax.fori_loop(0, steps, euler if self.sampler == "euler" else heun, x)
-
-  def translate(self, params, source, rng, *, steps=None, samples=1):
-    steps = steps or self.config.translator.steps
-    draws = jax.lax.map(lambda key: self.sample(params, source, key, steps),
-                        jax.random.split(rng, samples))
-    draws = jnp.clip(draws, -1.0, 1.0)
-    return draws.mean(0), draws.std(0)
