@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-jupytext = pytest.importorskip("jupytext")
-nbclient = pytest.importorskip("nbclient")
+import jupytext
+import nbclient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Notebook → the plots it must show (a figure per `plt.show()` that has to come out).

@@ -270,7 +270,7 @@ def test_split_volumes_and_pickled_sources(prepared):
 
 
 def test_synthrad2025_mha_through_prepare(tmp_path):
-  sitk = pytest.importorskip("SimpleITK")
+  import SimpleITK as sitk
   rng = np.random.default_rng(0)
   from conftest_data import ct_volume
   for sid in ("1HNA001", "1HNA002", "1HNA003"):
