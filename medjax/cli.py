@@ -186,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE)
     return 0 if len(argv) >= 2 else 2
   from medjax import config as config_lib
-  from medjax import train as _  # noqa: F401  (import errors surface before user errors)
   known = (UserError, config_lib.ConfigError, FileNotFoundError, NotADirectoryError)
   try:
     from medjax.sweep import SweepError

@@ -376,7 +376,7 @@ def slurm_script(config_spec: str, root: str, jobs: list[dict], *, parallel: int
       "#!/bin/bash",
       f"# medjax sweep: {len(jobs)} points of {config_spec}. Submit: sbatch {root}/sweep.slurm",
       "# Re-submitting is safe: finished points exit at once, others resume from their checkpoint.",
-      f"#SBATCH --job-name=medjax-sweep",
+      "#SBATCH --job-name=medjax-sweep",
       f"#SBATCH --array=0-{len(jobs) - 1}{limit}",
       "#SBATCH --ntasks=1",
       f"#SBATCH --cpus-per-task={max(4, 4 * devices_per_run)}",

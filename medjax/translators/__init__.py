@@ -16,3 +16,6 @@ def build(config) -> Translator:
   if name not in TRANSLATORS:
     raise ValueError(f"translator.name={name!r}; known: {', '.join(sorted(TRANSLATORS))}")
   return TRANSLATORS[name](config)
+
+
+__all__ = ["TRANSLATORS", "Translator", "TrainState", "build"]
