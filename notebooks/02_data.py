@@ -43,8 +43,8 @@ SHAPE = (32, 32, 12) if TINY else (80, 80, 48)
 
 
 def show(fig):
-  # A PNG rather than plt.show(): medjax's image writers select matplotlib's file
-  # backend, which would silence plt.show() in a notebook.
+  # An explicit PNG rather than plt.show(): the same picture in any frontend, and an
+  # image/png output the test suite can check in the executed notebook.
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
   plt.close(fig)
