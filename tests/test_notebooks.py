@@ -5,9 +5,7 @@ fresh Jupyter kernel (nbclient) in a temporary folder, as a person would run it.
 that raises fails the test with that cell's traceback.
 """
 
-import os
 import pathlib
-import sys
 
 import pytest
 

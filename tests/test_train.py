@@ -21,18 +21,6 @@ from conftest import tiny_config
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def overrides(config_dict, prefix="config"):
-  """`--config.a.b=value` flags that turn the base config into `config_dict`."""
-  flags = []
-  for key, value in config_dict.items():
-    if isinstance(value, dict):
-      flags += overrides(value, f"{prefix}.{key}")
-    else:
-      text = str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
-      flags.append(f"--{prefix}.{key}={text}")
-  return flags
-
-
 def write_experiment(tmp_path, config) -> str:
   """A config file on disk holding `config` exactly (what a user's experiment file is)."""
   path = tmp_path / "experiment.py"
