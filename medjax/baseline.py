@@ -25,6 +25,13 @@ class IntensityMap:
     value = source[..., self.channel:self.channel + 1]
     return np.interp(value, centres, self.table).astype(np.float32)
 
+  def to_dict(self) -> dict:
+    return {"table": [float(v) for v in self.table], "channel": int(self.channel)}
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "IntensityMap":
+    return cls(np.asarray(values["table"], np.float32), int(values["channel"]))
+
 
 def fit(records, num_bins: int = NUM_BINS, channel: int = 0) -> IntensityMap:
   """Mean target per source bin over every voxel of `records` (dicts with source, target)."""

@@ -3,6 +3,8 @@
 Saving both in one `ocp.args.Composite` (as maxdiffusion does) is what makes a restart
 continue on the very next batch. Orbax writes each step under a temporary name and
 renames it when complete, so a crash mid-save leaves the previous checkpoint intact.
+A trained run restores only its inference parameters (`restore_params`): the EMA, never
+the optimiser state.
 """
 
 from __future__ import annotations
@@ -13,22 +15,45 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from medjax.errors import UserError
+
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only`: for loading a trained run; nothing is created, cleaned or written."""
     self.directory = os.path.abspath(directory)
+    self._manager = None
+    if read_only:
+      if not os.path.isdir(self.directory):
+        raise UserError(f"no checkpoints: {self.directory} does not exist")
+      return
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    if self._manager is not None:
+      return sorted(self._manager.all_steps())
+    # Orbax renames a step's folder to its bare number only once it is complete.
+    return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def _step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise UserError(f"no checkpoint in {self.directory}")
+      return max(steps)
+    if step not in steps:
+      raise UserError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
+    return step
 
   def save(self, step: int, state, data_iter=None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
@@ -39,23 +64,36 @@ class Checkpointer:
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
     """The state at `step` (the latest by default) into `abstract_state`'s shapes and
     shardings; the data iterator, if given, is moved to its saved position in place."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    if step not in self.all_steps():
-      raise FileNotFoundError(
-          f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+    step = self._step(step)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def restore_params(self, abstract_params, path: tuple[str, ...], step: int | None = None):
+    """(params, step): only the subtree of the saved state at `path` (e.g. 'ema_params'),
+    read into `abstract_params`' shapes and shardings; nothing else is read."""
+    step = self._step(step)
+    item = abstract_params
+    for key in reversed(path):
+      item = {key: item}
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+    for key in path:
+      restored = restored[key]
+    return restored, step
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
 
 
 def abstract_like(tree, sharding):

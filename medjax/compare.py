@@ -1,12 +1,11 @@
-"""`medjax compare`: train several methods at one step budget and score them side by side.
+"""Several methods trained at one budget and scored side by side (`medjax compare`).
 
-  medjax compare --configs experiments/phantom_flow.py experiments/phantom_pix2pix.py \
-      experiments/phantom_bridge.py:i2sb --workdir runs/compare --steps 300
-
-Each config trains through `train.train_and_evaluate` in `WORKDIR/<run>` (a finished run
-is not retrained: its `compare.json` is read back; an unfinished one resumes), is then
-scored on the held-out test subjects with `evaluate.evaluate`, and the stochastic ones are
-swept over sampling steps. Written under WORKDIR:
+Each experiment (`FILE.py[:ARG]`) trains through `train.train_and_evaluate` in
+`ROOT/<run>/<budget>/`, so a run at another step budget or batch size is another
+workdir, never a stale result; an unfinished run resumes. It is then loaded as a `Run`
+and scored on the held-out test subjects (`evaluate.evaluate`), and the stochastic
+methods are swept over sampling steps. A finished run's `compare.json` is reused only
+when it was made with the same budget, samples and sweep. Written under ROOT:
 
   compare.csv / compare.md   per task: MAE, PSNR, SSIM, network evaluations per sample,
                              training and sampling wall time, beside the intensity-mapping
@@ -17,54 +16,59 @@ swept over sampling steps. Written under WORKDIR:
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import json
 import os
-import runpy
 import time
 
-import jax
 import numpy as np
 
-DEFAULT_CONFIGS = [
-    f"experiments/{name}.py{variant}"
-    for target in ("", "_ct")
-    for name, variant in (("phantom_flow" if not target else "phantom_mr_ct", ""),
-                          (f"phantom_diffusion{target}", ""),
-                          (f"phantom_bridge{target}", ""),
-                          (f"phantom_bridge{target}", ":i2sb"),
-                          (f"phantom_pix2pix{target}", ""),
-                          (f"phantom_cyclegan{target}", ""))]
+from medjax import config as config_lib
+from medjax import evaluate, figures, files, metrics, train
+from medjax.data import intensity
+from medjax.run import Run
+
+METHODS = ("flow", "diffusion", "bridge", "i2sb", "pix2pix", "cyclegan")
+DEFAULT_EXPERIMENTS = [f"experiments/phantom.py:method={method},target={target}"
+                       for target in ("t2w", "ct") for method in METHODS]
 SWEEP_STEPS = (1, 2, 4, 8, 16, 50)
 TASK_NAMES = {"t2w": "T1w → T2w", "ct": "T1w → CT"}
 
 
-def add_compare_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                      help="experiment files, each optionally FILE.py:VARIANT")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--steps", type=int, default=300, help="training steps for every method")
-  parser.add_argument("--batch_size", type=int, default=None, help="override train.batch_size")
-  parser.add_argument("--samples", type=int, default=None,
-                      help="override eval.samples (draws averaged by the stochastic methods)")
-  parser.add_argument("--sweep_steps", default=",".join(map(str, SWEEP_STEPS)),
-                      help="sampling steps of the quality sweep ('' to skip it)")
-  parser.add_argument("--sweep_subjects", type=int, default=1,
-                      help="test subjects the sweep scores (all: 0)")
-  parser.add_argument("--image_slices", type=int, default=3)
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What every method of one comparison gets."""
+  train_steps: int = 300
+  batch_size: int | None = None  # None: each experiment's own
+  samples: int | None = None  # draws the stochastic methods average; None: the experiment's
+  sweep_steps: tuple[int, ...] = SWEEP_STEPS
+  sweep_subjects: int = 1  # test subjects the sweep scores (0: all)
+  image_slices: int = 3
+
+  def workdir_name(self, config) -> str:
+    return f"steps{self.train_steps}_bs{config.train.batch_size}"
 
 
-def load_config(spec: str):
-  """`FILE.py[:VARIANT]` → (run name, ConfigDict), as `medjax train --config` reads it."""
-  path, _, variant = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  get_config = runpy.run_path(path)["get_config"]
-  config = get_config(variant) if variant else get_config()
-  run = os.path.splitext(os.path.basename(path))[0] + (f"-{variant.replace(',', '-')}"
-                                                        if variant else "")
-  return run, config
+def run_name(spec: str) -> str:
+  """`experiments/phantom.py:method=flow,target=ct` → `phantom-flow-ct`."""
+  path, _, arg = spec.partition(":")
+  values = [item.partition("=")[2] or item for item in arg.split(",") if item]
+  return files.safe_stem("-".join([os.path.splitext(os.path.basename(path))[0], *values]))
+
+
+def budget_config(spec: str, budget: Budget):
+  config = config_lib.load(spec)
+  with config.unlocked():
+    config.train.total_steps = budget.train_steps
+    config.eval.every = config.checkpoint.every = budget.train_steps
+    config.train.warmup_steps = min(config.train.warmup_steps, budget.train_steps // 10)
+    config.logging.progress = False
+    if budget.batch_size:
+      config.train.batch_size = budget.batch_size
+    if budget.samples and config.translator.samples > 1:
+      config.translator.samples = budget.samples
+  return config
 
 
 def method_label(config) -> str:
@@ -87,88 +91,61 @@ def train_seconds(workdir: str) -> float:
   return seconds
 
 
-def restore(config, workdir: str, mesh):
-  """The translator, its inference params and the baseline of a finished run."""
-  from medjax import train
-  translator, state, baseline = train.restore_checkpoint(config, workdir, mesh)
-  return translator, translator.inference_params(state), baseline
-
-
-def picked_slices(volume, count: int) -> np.ndarray:
-  filled = np.flatnonzero(volume.mask[..., 0].any(axis=(1, 2)))
-  return np.linspace(filled[0], filled[-1], count + 2).round().astype(int)[1:-1]
-
-
-def run_one(spec: str, args, mesh) -> dict:
-  """Train (or resume) one config and score it; the result is cached in its workdir."""
-  from medjax import evaluate as evaluate_lib
-  from medjax import train
-  from medjax.data import pipeline
-
-  run, config = load_config(spec)
-  config.train.steps = args.steps
-  config.eval.every = config.checkpoint.every = args.steps
-  config.train.warmup_steps = min(config.train.warmup_steps, args.steps // 10)
-  config.logging.progress = False
-  if args.batch_size:
-    config.train.batch_size = args.batch_size
-  if args.samples:
-    config.eval.samples = args.samples
-  workdir = os.path.join(args.workdir, run)
+def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
+  """Train (or resume) one experiment at `budget` and score it; cached per budget."""
+  config = budget_config(spec, budget)
+  workdir = os.path.join(root, run_name(spec), budget.workdir_name(config))
   done = os.path.join(workdir, "compare.json")
+  asked = dataclasses.asdict(budget) | {"batch_size": config.train.batch_size,
+                                        "samples": config.translator.samples}
+  asked["sweep_steps"] = list(asked["sweep_steps"])
   if os.path.exists(done):
     with open(done) as f:
-      return json.load(f)
+      cached = json.load(f)
+    if cached.get("budget") == asked:
+      return cached
 
-  print(f"[compare] {run}: training {args.steps} steps in {workdir}", flush=True)
+  log(f"[compare] {run_name(spec)}: training {budget.train_steps} steps in {workdir}")
   train.train_and_evaluate(config, workdir, mesh=mesh)
-  translator, params, baseline = restore(config, workdir, mesh)
-  samples = config.eval.samples if translator.stochastic else 1
-  volumes = pipeline.eval_volumes(config, "test")
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 20_000_003)
+  run = Run.load(workdir, mesh=mesh)
+  volumes = run.eval_volumes("test")
 
   # Sampling time per slice, compiled and warm: one evaluation batch, timed on its second run.
-  translate_fn = evaluate_lib.make_translate_fn(translator, mesh, steps=config.eval.steps,
-                                                samples=samples)
+  fn, rng = run.translate_fn(), evaluate.evaluation_rng(config)
   chunk = volumes[0].source[:config.eval.batch_size]
   for _ in range(2):
     start = time.perf_counter()
-    evaluate_lib.translate_volume(translate_fn, params, chunk, rng, mesh, config.eval.batch_size)
+    evaluate.translate_volume(fn, run.params, chunk, rng, run.mesh, config.eval.batch_size)
     sample_seconds = (time.perf_counter() - start) / len(chunk)
 
-  summary, _, predictions = evaluate_lib.evaluate(
-      translator, params, volumes, baseline, rng, mesh, target_modality=config.data.target,
-      steps=config.eval.steps, samples=samples, batch_size=config.eval.batch_size)
-  slices = picked_slices(volumes[0], args.image_slices)
+  summary, _, predictions = evaluate.evaluate(run, volumes)
+  slices = figures.foreground_slices(volumes[0].mask, budget.image_slices)
   np.savez_compressed(os.path.join(workdir, "compare_slices.npz"), slices=slices,
                       prediction=predictions[0].mean[slices, ..., 0],
                       std=predictions[0].std[slices, ..., 0])
 
   sweep = []
-  steps_list = [int(s) for s in args.sweep_steps.split(",") if s]
-  if translator.stochastic and steps_list:
-    subset = volumes[:args.sweep_subjects] if args.sweep_subjects else volumes
-    for steps in steps_list:
-      scores, _, _ = evaluate_lib.evaluate(
-          translator, params, subset, baseline, rng, mesh, target_modality=config.data.target,
-          steps=steps, samples=1, batch_size=config.eval.batch_size)
-      sweep.append({"steps": steps, "nfe": translator.nfe(steps),
-                    **{k: scores["model"][k] for k in evaluate_lib.METRIC_KEYS},
+  if run.translator.stochastic and budget.sweep_steps:
+    subset = volumes[:budget.sweep_subjects] if budget.sweep_subjects else volumes
+    for steps in budget.sweep_steps:
+      scores, _, _ = evaluate.evaluate(run, subset, steps=steps, samples=1)
+      sweep.append({"steps": steps, "nfe": run.translator.nfe(steps),
+                    **{k: scores["model"][k] for k in evaluate.METRIC_KEYS},
                     "baseline_psnr": scores["baseline"]["psnr"]})
-      print(f"[compare] {run}: {steps} steps → PSNR {scores['model']['psnr']:.2f}", flush=True)
+      log(f"[compare] {run_name(spec)}: {steps} steps → PSNR {scores['model']['psnr']:.2f}")
 
   result = {
-      "run": run, "config": spec, "method": method_label(config), "task": config.data.target,
-      "translator": translator.name, "stochastic": translator.stochastic,
+      "run": run_name(spec), "workdir": workdir, "config": spec, "budget": asked,
+      "method": method_label(config), "task": config.data.target,
+      "translator": run.translator.name, "stochastic": run.translator.stochastic,
       "protocol": summary["protocol"], "subjects": summary["subjects"],
-      "train_steps": args.steps, "batch_size": config.train.batch_size,
-      "steps": config.eval.steps, "samples": samples, "nfe": samples * summary["nfe_per_sample"],
+      "train_steps": budget.train_steps, "batch_size": config.train.batch_size,
+      "steps": summary["steps"], "samples": summary["samples"],
+      "nfe": summary["samples"] * summary["nfe_per_sample"],
       "nfe_per_sample": summary["nfe_per_sample"], "train_s": train_seconds(workdir),
       "sample_ms_per_slice": 1000 * sample_seconds,
       "model": summary["model"], "baseline": summary["baseline"], "sweep": sweep}
-  with open(done + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(done + ".tmp", done)
+  files.write_json(done, result)
   return result
 
 
@@ -191,14 +168,11 @@ def table_rows(results: list[dict]) -> list[dict]:
 
 def write_table(directory: str, results: list[dict]) -> list[dict]:
   rows = table_rows(results)
-  with open(os.path.join(directory, "compare.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  files.write_csv(os.path.join(directory, "compare.csv"), rows)
   lines = []
   for task in dict.fromkeys(r["task"] for r in rows):
     first = next(r for r in results if r["task"] == task)
-    unit = "HU" if first["protocol"] == "synthrad2023" else "[0, 1]"
+    unit = "HU" if first["protocol"] != "mri" else "[0, 1]"
     lines += [f"### {TASK_NAMES.get(task, task)} — {first['train_steps']} training steps "
               f"(batch {first['batch_size']}), {first['subjects']} held-out test subjects, "
               f"{first['protocol']}", "",
@@ -210,37 +184,30 @@ def write_table(directory: str, results: list[dict]) -> list[dict]:
                    f"| {r['nfe_per_sample']} | {r['samples']} | {r['train_s']:.0f} "
                    f"| {r['sample_ms_per_slice']:.1f} |")
     lines.append("")
-  with open(os.path.join(directory, "compare.md"), "w") as f:
-    f.write("\n".join(lines))
+  files.write_text(os.path.join(directory, "compare.md"), "\n".join(lines))
   return rows
 
 
-def write_images(directory: str, results: list[dict], args) -> list[str]:
+def write_images(directory: str, results: list[dict]) -> list[str]:
   """Per task: the same held-out slices of the first test subject, every method side by side."""
-  from medjax import evaluate as evaluate_lib
-  from medjax import images
-  from medjax.data import pipeline
   paths = []
   for task in dict.fromkeys(r["task"] for r in results):
     mine = [r for r in results if r["task"] == task]
-    _, config = load_config(mine[0]["config"])
-    volume = pipeline.eval_volumes(config, "test")[0]
-    protocol = evaluate_lib.protocol_for(task)
-    physical = lambda unit: evaluate_lib.to_physical(unit, volume.target_params, protocol)
-    saved = {r["method"]: np.load(os.path.join(args.workdir, r["run"], "compare_slices.npz"))
+    volume = Run.load(mine[0]["workdir"]).eval_volumes("test")[0]
+    physical = lambda unit: intensity.to_output_units(unit, volume.target_params, task)
+    saved = {r["method"]: np.load(os.path.join(r["workdir"], "compare_slices.npz"))
              for r in mine}
     slices = next(iter(saved.values()))["slices"]
     rows = []
     for i, z in enumerate(slices):
-      row = {"source (T1w)": volume.source[z, ..., 0], f"target ({task})":
+      row = {"source": volume.source[z, ..., 0], f"target ({task})":
              physical(volume.target[z, ..., 0])}
       row.update({method: physical(npz["prediction"][i]) for method, npz in saved.items()})
       rows.append(row)
-    window = (0, 1) if protocol == "mri" else (-1000, 1500)
-    ranges = {name: window for name in rows[0]}
-    ranges["source (T1w)"] = (-1, 1)
-    path = os.path.join(directory, f"compare_{task}.png")
-    paths.append(images.save_grid(path, rows, ranges, "HU" if protocol != "mri" else "[0, 1]"))
+    shown = figures.window(metrics.protocol_for(task))
+    ranges = {name: shown["image"] for name in rows[0]} | {"source": (-1, 1)}
+    paths.append(figures.save_grid(os.path.join(directory, f"compare_{task}.png"), rows,
+                                   ranges, shown["units"]))
   return paths
 
 
@@ -248,48 +215,34 @@ def write_sweep(directory: str, results: list[dict]) -> None:
   swept = [r for r in results if r["sweep"]]
   if not swept:
     return
-  with open(os.path.join(directory, "steps.csv"), "w", newline="") as f:
+  with files.atomic_write(os.path.join(directory, "steps.csv")) as tmp, \
+      open(tmp, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["task", "method", "steps", "nfe", "mae", "psnr", "ssim"])
     for r in swept:
       for point in r["sweep"]:
         writer.writerow([r["task"], r["method"], point["steps"], point["nfe"], point["mae"],
                          point["psnr"], point["ssim"]])
-  import matplotlib.pyplot as plt
-  tasks = list(dict.fromkeys(r["task"] for r in swept))
-  fig, axes = plt.subplots(1, len(tasks), squeeze=False, figsize=(5 * len(tasks), 3.6))
-  for ax, task in zip(axes[0], tasks):
-    for r in (r for r in swept if r["task"] == task):
-      ax.plot([p["nfe"] for p in r["sweep"]], [p["psnr"] for p in r["sweep"]], "o-",
-              label=r["method"])
+  panels = []
+  for task in dict.fromkeys(r["task"] for r in swept):
+    mine = [r for r in swept if r["task"] == task]
     # the baseline on the sweep's own subjects (it may score fewer than the table)
-    first = next(r for r in swept if r["task"] == task)
-    base = first["sweep"][0].get("baseline_psnr", first["baseline"]["psnr"])
-    ax.axhline(base, color="gray", ls="--", label="intensity map")
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per sample (1 sample)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.set_title(TASK_NAMES.get(task, task))
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(directory, "steps.png"), dpi=90)
-  plt.close(fig)
+    first = mine[0]
+    panels.append({
+        "title": TASK_NAMES.get(task, task), "xlog": True, "ylabel": "PSNR (dB)",
+        "xlabel": "network evaluations per sample (1 sample)",
+        "lines": [(r["method"], [p["nfe"] for p in r["sweep"]], [p["psnr"] for p in r["sweep"]])
+                  for r in mine],
+        "hline": ("intensity map", first["sweep"][0].get("baseline_psnr",
+                                                         first["baseline"]["psnr"]))})
+  figures.save_curves(os.path.join(directory, "steps.png"), panels, width=5.0)
 
 
-def compare_main(args) -> int:
-  from medjax import parallel
-  os.makedirs(args.workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
-  results = [run_one(spec, args, mesh) for spec in args.configs]
-  write_table(args.workdir, results)
-  write_images(args.workdir, results, args)
-  write_sweep(args.workdir, results)
-  with open(os.path.join(args.workdir, "compare.md")) as f:
-    print(f.read())
-  return 0
-
-
-if __name__ == "__main__":
-  parser = argparse.ArgumentParser(prog="python -m medjax.compare")
-  add_compare_args(parser)
-  raise SystemExit(compare_main(parser.parse_args()))
+def compare(specs, root: str, budget: Budget, *, mesh=None, log=print) -> list[dict]:
+  """Train and score every experiment, then write the table, pictures and sweep."""
+  os.makedirs(root, exist_ok=True)
+  results = [run_one(spec, root, budget, mesh=mesh, log=log) for spec in specs]
+  write_table(root, results)
+  write_images(root, results)
+  write_sweep(root, results)
+  return results

@@ -1,156 +1,426 @@
-"""The base experiment config and the checks every user config goes through.
+"""Experiment configs: the base config, what every key means, loading and overriding.
 
-Experiment files (`experiments/*.py`) start from `base_config()` and override what they
-need; `validate` turns a mistyped or inconsistent config into one clear message before
-anything is compiled.
+An experiment is a file with `get_config(arg)` (big_vision's habit): `arg` is a short
+string of named choices, `experiments/phantom.py:method=flow,target=ct,size=small`,
+parsed by `parse_arg`. `load` reads `FILE.py[:ARG]` and applies `KEY=VALUE` overrides
+with the type of the key they replace; a mistyped key is a `ConfigError` naming it and
+the keys that exist there. Every key has a one-line meaning (`describe`, printed by
+`medjax config`); a translator's and a backbone's own keys are declared beside their
+code (`Translator.options`, `models.OPTIONS`).
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import runpy
 
 import ml_collections
 
-from medjax.data import intensity
-
-MR_MODALITIES = ("t1w", "t1c", "t2w", "pd", "flair", "mr")
-MODALITIES = MR_MODALITIES + intensity.CT_MODALITIES
+from medjax import models, modalities, translators
+from medjax.errors import ConfigError
 
 # Keys that may change between a run and its resumption without making it another
-# experiment (extend training, evaluate more or less often, log differently).
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "eval", "checkpoint", "logging")
+# experiment: train longer, evaluate or sample differently, log differently.
+RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "eval", "checkpoint", "logging",
+                  "translator.sample_steps", "translator.samples", "data.workers")
 
+HELP = {
+    "seed": "seed of initialisation, data order, augmentation and sampling",
+    "data.kind": "'phantom' (rendered on the fly, no files) | 'shards' (a `medjax prepare` folder)",
+    "data.dir": "the `medjax prepare` output folder (data.kind='shards')",
+    "data.source": "source modalities, in channel order (the first sets the grid)",
+    "data.target": "target modality (CT/CBCT scored in HU, MR on [0, 1])",
+    "data.augment": "flips, small rotations/scalings, source intensity jitter while training",
+    "data.unpaired": "draw sources and targets independently (CycleGAN)",
+    "data.workers": "grain worker processes (0: threads in the trainer process)",
+    "data.phantom.subjects": "phantom subjects, split 80/10/10 into train/val/test",
+    "data.phantom.seed": "seed of the phantom anatomy (subject i of seed s is always the same)",
+    "data.phantom.shape": "phantom grid in voxels (x, y, z); slices are axial (x, y)",
+    "data.phantom.spacing": "phantom voxel size in mm (x, y, z)",
+    "model.name": "backbone: " + " | ".join(repr(m) for m in sorted(models.MODELS)),
+    "train.total_steps": "training steps (optimiser updates)",
+    "train.batch_size": "global batch (slices), split over the mesh's devices",
+    "train.learning_rate": "peak AdamW learning rate (linear warm-up, cosine decay to 1 %)",
+    "train.warmup_steps": "steps of linear learning-rate warm-up",
+    "train.weight_decay": "AdamW decoupled weight decay",
+    "train.grad_clip": "global gradient-norm clip",
+    "train.ema_decay": "EMA decay of the parameters evaluation and translation use",
+    "train.log_every": "steps between logged training metrics",
+    "eval.every": "steps between held-out evaluations (and the last step)",
+    "eval.batch_size": "slices per evaluation / translation batch",
+    "eval.image_slices": "axial slices in each evaluation picture",
+    "checkpoint.every": "steps between checkpoints (and the last step)",
+    "checkpoint.max_to_keep": "checkpoints kept on disk",
+    "logging.progress": "show a progress bar",
+}
 
-class ConfigError(ValueError):
-  """A user config that cannot run; the message says which key and why."""
+# Presets of grid and width: `tiny` trains in seconds (tests, notebooks in CI), `small` in
+# minutes on a 2-core CPU (the default), `base` is the accelerator size.
+SIZES = {
+    "tiny": {"shape": (32, 32, 12), "spacing": (5.0, 5.0, 8.0), "subjects": 5,
+             "unet": {"channels": 8, "channel_mult": (1, 2), "attention_levels": ()},
+             "resnet": {"channels": 4, "num_blocks": 1}, "discriminator": 8,
+             "batch_size": 8, "total_steps": 6},
+    "small": {"shape": (48, 48, 32), "spacing": (160 / 48, 160 / 48, 3.0), "subjects": 20,
+              "unet": {"channels": 32, "channel_mult": (1, 2, 2), "attention_levels": (2,)},
+              "resnet": {"channels": 16, "num_blocks": 9}, "discriminator": 32,
+              "batch_size": 16, "total_steps": 1000},
+    "base": {"shape": (160, 160, 96), "spacing": (1.0, 1.0, 1.0), "subjects": 200,
+             "unet": {"channels": 64, "channel_mult": (1, 2, 2, 4), "attention_levels": (3,),
+                      "num_res_blocks": 2},
+             "resnet": {"channels": 64, "num_blocks": 9}, "discriminator": 64,
+             "batch_size": 32, "total_steps": 100_000},
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Phantom T1w → T2w with flow matching at the `small` size."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-
-  config.data = ml_collections.ConfigDict()
-  config.data.kind = "phantom"  # 'phantom' | 'shards'
-  config.data.dir = ""  # the `medjax prepare` output folder, for kind='shards'
-  config.data.source = ("t1w",)
-  config.data.target = "t2w"
-  config.data.augment = True
-  config.data.unpaired = False  # draw sources and targets independently (CycleGAN)
-  config.data.workers = 0  # grain worker processes; 0 = threads in the trainer process
-  config.data.phantom = ml_collections.ConfigDict()
-  config.data.phantom.subjects = 20
-  config.data.phantom.seed = 0
-  # 48×48×32 voxels over the phantom's 160×160×96 mm field of view: small enough to
-  # train on a laptop CPU in minutes; raise it (and the model) on an accelerator.
-  config.data.phantom.shape = (48, 48, 32)
-  config.data.phantom.spacing = (160 / 48, 160 / 48, 3.0)
-
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "unet"
-  config.model.channels = 32
-  config.model.channel_mult = (1, 2, 2)
-  config.model.num_res_blocks = 1
-  config.model.attention_levels = (2,)
-  config.model.dropout = 0.0
-
-  config.translator = ml_collections.ConfigDict()
-  config.translator.name = "flow"
-  config.translator.sampler = "euler"  # flow: 'euler' | 'heun'
-  config.translator.steps = 8  # sampling steps when none are asked for
-
-  config.train = ml_collections.ConfigDict()
-  config.train.steps = 1000
-  config.train.batch_size = 16
-  config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 100
-  config.train.weight_decay = 1e-4
-  config.train.grad_clip = 1.0
-  config.train.ema_decay = 0.999
-  config.train.log_every = 25
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.every = 500
-  config.eval.steps = 8
-  config.eval.samples = 4
-  config.eval.batch_size = 32
-  config.eval.image_slices = 4
-
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 250
-  config.checkpoint.max_to_keep = 2
-
-  config.logging = ml_collections.ConfigDict()
-  config.logging.progress = True
+  config.data = ml_collections.ConfigDict({
+      "kind": "phantom", "dir": "", "source": ("t1w",), "target": "t2w", "augment": True,
+      "unpaired": False, "workers": 0,
+      "phantom": {"subjects": 20, "seed": 0, "shape": (48, 48, 32),
+                  "spacing": (160 / 48, 160 / 48, 3.0)}})
+  config.model = model_config("unet")
+  config.translator = translator_config("flow")
+  config.train = ml_collections.ConfigDict({
+      "total_steps": 1000, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 100,
+      "weight_decay": 1e-4, "grad_clip": 1.0, "ema_decay": 0.999, "log_every": 25})
+  config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4})
+  config.checkpoint = ml_collections.ConfigDict({"every": 250, "max_to_keep": 2})
+  config.logging = ml_collections.ConfigDict({"progress": True})
   return config
 
 
-def shards_config(source: tuple[str, ...], target: str) -> ml_collections.ConfigDict:
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`model.*` for backbone `name`: its declared defaults, then `overrides`."""
+  if name not in models.OPTIONS:
+    raise ConfigError(f"model.name={name!r}; known: {', '.join(sorted(models.OPTIONS))}")
+  values = {key: default for key, (default, _) in models.OPTIONS[name].items()}
+  return _group({"name": name, **values}, overrides, f"model {name!r}")
+
+
+def translator_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`translator.*` for method `name`: its declared defaults, then `overrides`."""
+  if name not in translators.TRANSLATORS:
+    raise ConfigError(f"translator.name={name!r}; known: "
+                      f"{', '.join(sorted(translators.TRANSLATORS))}")
+  options = translators.TRANSLATORS[name].all_options()
+  values = {key: default for key, (default, _) in options.items()}
+  return _group({"name": name, **values}, overrides, f"translator {name!r}")
+
+
+def _group(values: dict, overrides: dict, what: str) -> ml_collections.ConfigDict:
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ConfigError(f"{what} has no option(s) {unknown}; it takes {sorted(values)}")
+  return ml_collections.ConfigDict({**values, **overrides})
+
+
+def shards_config(source, target: str, method: str = "flow") -> ml_collections.ConfigDict:
   """Real data from `medjax prepare` shards, sized for one accelerator (256² slices)."""
   config = base_config()
   config.data.kind = "shards"
   config.data.source = tuple(source)
   config.data.target = target
   config.data.workers = 2
-  config.model.channels = 64
-  config.model.channel_mult = (1, 2, 2, 4)
-  config.model.num_res_blocks = 2
-  config.model.attention_levels = (3,)
-  config.train.steps = 100_000
-  config.train.batch_size = 32
-  config.train.learning_rate = 2e-4
-  config.train.warmup_steps = 1000
+  config.model = model_config("unet", channels=64, channel_mult=(1, 2, 2, 4),
+                              num_res_blocks=2, attention_levels=(3,))
+  apply_method(config, method)
+  if config.translator.samples > 1:
+    config.translator.sample_steps = 16
+  config.train.update(total_steps=100_000, batch_size=32, learning_rate=2e-4,
+                      warmup_steps=1000)
   config.eval.every = 5000
-  config.eval.steps = 16
   config.checkpoint.every = 2500
   return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+# --- experiment arguments (FILE.py:ARG) -------------------------------------------------
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`"method=flow,size=tiny"` → {method: 'flow', size: 'tiny', …the other defaults}.
+
+  Values take the type of their default (int, float, bool, str); a name that has no
+  default is an error listing the names there are.
+  """
+  values = dict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    name, sep, text = item.partition("=")
+    name = name.strip()
+    if not sep:
+      raise ConfigError(f"experiment argument {item!r} is not NAME=VALUE; "
+                        f"names: {', '.join(sorted(defaults))}")
+    if name not in defaults:
+      raise ConfigError(f"unknown experiment argument {name!r}; known: "
+                        f"{', '.join(f'{k}={v}' for k, v in defaults.items())}")
+    values[name] = _parse_value(text.strip(), defaults[name], name)
+  return ml_collections.ConfigDict(values)
+
+
+def choose(name: str, value, choices) -> None:
+  """Refuse an experiment argument outside `choices`, listing them."""
+  if value not in choices:
+    raise ConfigError(f"{name}={value!r}; choose one of: {', '.join(map(str, choices))}")
+
+
+METHODS = ("flow", "regression", "diffusion", "bridge", "i2sb", "pix2pix", "cyclegan")
+# Peak variance at mid-bridge: BBDM's s = 1; I2SB's β_max = 0.3 over 1000 steps (σ²_1 ≈ 0.137).
+BRIDGE_VARIANCE = {"brownian": 0.5, "i2sb": 0.034}
+
+
+def apply_method(config, method: str) -> None:
+  """The translator of a published method, with what it needs besides (backbone, lr, data).
+
+  `bridge` is BBDM's Brownian bridge and `i2sb` I2SB's Schrödinger bridge, one translator;
+  `cyclegan` trains two ResNet generators on unpaired slices."""
+  choose("method", method, METHODS)
+  if method in ("bridge", "i2sb"):
+    bridge = "brownian" if method == "bridge" else "i2sb"
+    config.translator = translator_config("bridge", bridge=bridge,
+                                          bridge_variance=BRIDGE_VARIANCE[bridge])
+  else:
+    config.translator = translator_config(method)
+  if method == "pix2pix":
+    config.train.learning_rate = 5e-4
+  if method == "cyclegan":
+    config.data.unpaired = True
+    config.model = model_config("resnet", channels=config.model.get("channels", 64))
+    config.train.learning_rate = 2e-4
+
+
+def apply_size(config, size: str) -> None:
+  """Set the phantom grid, backbone width and batch of a `SIZES` preset."""
+  choose("size", size, SIZES)
+  preset = SIZES[size]
+  config.data.phantom.update(shape=preset["shape"], spacing=preset["spacing"],
+                             subjects=preset["subjects"])
+  config.model.update(**preset.get(config.model.name, {}))
+  if "discriminator" in config.translator:
+    config.translator.discriminator.channels = preset["discriminator"]
+  config.train.batch_size = preset["batch_size"]
+  config.train.total_steps = preset["total_steps"]
+  if size == "tiny":
+    config.train.update(warmup_steps=2, log_every=2)
+    config.eval.update(every=6, batch_size=8, image_slices=2)
+    config.checkpoint.every = 3
+    config.data.augment = False
+    config.logging.progress = False
+    if translators.TRANSLATORS[config.translator.name].stochastic:
+      config.translator.update(sample_steps=2, samples=2)
+
+
+# --- loading and overriding -------------------------------------------------------------
+
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """`FILE.py[:ARG]` → its config with `KEY=VALUE` overrides applied, locked."""
+  path, _, arg = str(spec).partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} does not exist")
+  try:
+    module = runpy.run_path(path)
+  except SyntaxError as error:
+    raise ConfigError(f"{path}: line {error.lineno}: {error.msg}") from None
+  if "get_config" not in module:
+    raise ConfigError(f"{path} defines no get_config()")
+  config = module["get_config"](arg) if arg else module["get_config"]()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy: overrides stay ours
+  override(config, overrides)
+  config.lock()
+  return config
+
+
+def override(config, overrides) -> None:
+  """Apply `KEY=VALUE` strings (or a {key: value} dict) in place."""
+  items = overrides.items() if isinstance(overrides, dict) else (
+      _split_override(o) for o in overrides)
+  for key, value in items:
+    parent, leaf = _locate(config, key)
+    current = parent[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f"{key} is a group; set one of its keys: "
+                        f"{', '.join(f'{key}.{k}' for k in sorted(current.keys()))}")
+    if isinstance(value, str):
+      value = _parse_value(value, current, key)
+    with parent.unlocked():
+      parent[leaf] = value
+
+
+def _split_override(text: str):
+  key, sep, value = str(text).partition("=")
+  if not sep:
+    raise ConfigError(f"override {text!r} is not KEY=VALUE")
+  return key.strip(), value
+
+
+def _locate(config, key: str):
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      here = ".".join(parts[:depth]) or "the config"
+      known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+      raise ConfigError(f"unknown config key {part!r} in {key}"
+                        + (f" (keys of {here}: {known})" if known else ""))
+    if depth == len(parts) - 1:
+      return node, part
+    node = node[part]
+
+
+def _parse_value(text: str, current, key: str):
+  """`text` read as the type of `current`, the value it replaces."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.lower()
+      if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("expected true or false")
+      return lowered in ("true", "1", "yes")
+    if isinstance(current, int):
+      number = float(text.replace("_", ""))
+      if number != int(number):
+        raise ValueError("expected an integer")
+      return int(number)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, (tuple, list)):
+      return _parse_sequence(text, current)
+    if current is None:
+      return _literal(text)
+    return text.strip("'\"") if isinstance(current, str) else _literal(text)
+  except (ValueError, SyntaxError) as error:
+    raise ConfigError(f"{key}={text!r}: {error} (its value now is {current!r})") from None
+
+
+def _parse_sequence(text: str, current):
+  text = text.strip()
+  if text in ("()", "[]", ""):
+    return ()
+  if text[0] in "([":
+    values = ast.literal_eval(text)
+    values = values if isinstance(values, (tuple, list)) else (values,)
+  else:
+    values = [v for v in text.replace("x", ",").split(",")] if all(
+        c in "0123456789.,x-+e_ " for c in text) else text.split(",")
+    values = [_literal(v.strip()) for v in values if v.strip()]
+  kind = type(current[0]) if len(current) else None
+  if kind in (int, float):
+    values = [kind(v) if kind is float or float(v) == int(v) else v for v in values]
+  return tuple(values)
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text.strip("'\"")
+
+
+# --- checking ---------------------------------------------------------------------------
+
+def validate(config, num_devices: int = 1) -> None:
   """Raise ConfigError for a config that would fail later, less clearly."""
   data, train = config.data, config.train
   if data.kind not in ("phantom", "shards"):
     raise ConfigError(f"data.kind={data.kind!r}: expected 'phantom' or 'shards'")
   if data.kind == "shards" and not data.dir:
     raise ConfigError("data.kind='shards' needs data.dir (the `medjax prepare` output folder)")
-  sources = (data.source,) if isinstance(data.source, str) else tuple(data.source)
-  for modality in (*sources, data.target):
-    if modality not in MODALITIES:
-      raise ConfigError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
-  for key in ("steps", "batch_size", "log_every"):
+  for modality in (*modalities.as_tuple(data.source), data.target):
+    if modality not in modalities.IMAGES:
+      raise ConfigError(f"unknown modality {modality!r}; known: {', '.join(modalities.IMAGES)}")
+  for key in ("total_steps", "batch_size", "log_every"):
     if train[key] <= 0:
       raise ConfigError(f"train.{key}={train[key]} must be positive")
   if not train.learning_rate > 0:
     raise ConfigError(f"train.learning_rate={train.learning_rate} must be positive")
   if train.batch_size % num_devices:
-    raise ConfigError(
-        f"train.batch_size={train.batch_size} is not divisible by the {num_devices} devices of the mesh")
-  if config.eval.every <= 0 or config.checkpoint.every <= 0:
-    raise ConfigError("eval.every and checkpoint.every must be positive")
+    raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the "
+                      f"{num_devices} devices of the mesh")
+  for key in ("eval.every", "checkpoint.every", "eval.batch_size", "translator.sample_steps",
+              "translator.samples"):
+    group, name = key.split(".")
+    if config[group][name] <= 0:
+      raise ConfigError(f"{key}={config[group][name]} must be positive")
   if not 0.0 <= train.ema_decay < 1.0:
     raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in [0, 1)")
+  if data.kind == "phantom" and data.phantom.subjects < 3:
+    raise ConfigError(f"data.phantom.subjects={data.phantom.subjects}: the train, val and test "
+                      "splits need at least 3 subjects")
+  for group, declared in (("model", models.OPTIONS.get(config.model.name)),
+                          ("translator", _translator_options(config))):
+    if declared is None:
+      continue
+    unknown = sorted(set(config[group].keys()) - set(declared) - {"name"})
+    if unknown:
+      raise ConfigError(f"{group} {config[group].name!r} has no option(s) {unknown}; "
+                        f"it takes {sorted(declared)}")
 
 
-def source_modalities(config) -> tuple[str, ...]:
-  source = config.data.source
-  return (source,) if isinstance(source, str) else tuple(source)
+def _translator_options(config):
+  cls = translators.TRANSLATORS.get(config.translator.name)
+  if cls is None:
+    raise ConfigError(f"translator.name={config.translator.name!r}; known: "
+                      f"{', '.join(sorted(translators.TRANSLATORS))}")
+  return cls.all_options()
 
 
-def to_json(config: ml_collections.ConfigDict) -> str:
+# --- describing -------------------------------------------------------------------------
+
+def flatten(tree, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update(flatten(value, name + "."))
+    else:
+      flat[name] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def meaning(config, key: str) -> str | None:
+  """The one-line meaning of dotted `key` in `config`."""
+  if key in HELP:
+    return HELP[key]
+  group, _, rest = key.partition(".")
+  if group == "model":
+    return models.OPTIONS.get(config.model.name, {}).get(rest, (None, None))[1]
+  if group == "translator":
+    options = translators.TRANSLATORS[config.translator.name].all_options()
+    if rest == "name":
+      return "method: " + " | ".join(repr(t) for t in sorted(translators.TRANSLATORS))
+    if rest.startswith("discriminator."):
+      return models.OPTIONS["patchgan"].get(rest.split(".", 1)[1], (None, None))[1]
+    return options.get(rest, (None, None))[1]
+  return None
+
+
+def describe(config) -> str:
+  """Every key with its value and meaning: what `medjax config` prints."""
+  flat = flatten(config.to_dict())
+  width = max(len(f"{k} = {v!r}") for k, v in flat.items())
+  lines = []
+  for key, value in flat.items():
+    text = f"{key} = {value!r}"
+    lines.append(f"{text:{width}s}  # {meaning(config, key) or '(no description)'}")
+  return "\n".join(lines)
+
+
+def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
 
 
 def experiment_differences(saved: dict, current: dict) -> list[str]:
   """Dotted keys whose values differ, ignoring those a resumed run may change."""
-  def flatten(tree, prefix=""):
-    flat = {}
-    for key, value in tree.items():
-      name = f"{prefix}{key}"
-      if isinstance(value, dict):
-        flat.update(flatten(value, name + "."))
-      else:
-        flat[name] = list(value) if isinstance(value, tuple) else value
-    return flat
-
   def resumable(key):
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
 

@@ -1,25 +1,25 @@
 """Held-out evaluation per 3D subject volume, in physical units, model beside baseline.
 
-Slices go through the jitted `translate` in fixed-size batches, are stacked back into
-volumes and scored with the protocol of the target modality (`synthrad2023` in HU for
-CT, `mri` on [0, 1] otherwise) inside the body mask. Nothing here knows the method.
+Slices go through the run's jitted `translate` in fixed-size batches, are stacked back
+into volumes and scored with the protocol of the target modality (`synthrad2023` in HU
+for CT, `mri` on [0, 1] otherwise) inside the body mask (docs/design.md, "Evaluation
+protocols"). Nothing here knows the method. `evaluate_run` is what training runs after
+each evaluation interval and what `medjax evaluate` runs on a trained run.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import functools
-import json
 import os
 
 import jax
 import numpy as np
 
-from medjax import images, metrics, parallel
+from medjax import figures, files, metrics, parallel
 from medjax.data import intensity
 
 METRIC_KEYS = ("mae", "psnr", "ssim")
+EVAL_SEED_OFFSET = 10_000_019  # the evaluation's draws never share keys with training's
 
 
 @dataclasses.dataclass
@@ -28,30 +28,8 @@ class Prediction:
   std: np.ndarray
 
 
-def protocol_for(target_modality: str) -> str:
-  return "synthrad2023" if intensity.is_ct(target_modality) else "mri"
-
-
-def to_physical(unit, params: dict, protocol: str):
-  """[-1, 1] → the units the protocol scores in (HU, or [0, 1] for MR)."""
-  if protocol == "mri":
-    return intensity.to_unit_interval(unit)
-  return intensity.denormalise(unit, params)
-
-
-def std_to_physical(std, params: dict, protocol: str):
-  return std * (0.5 if protocol == "mri" else 0.5 * (params["hi"] - params["lo"]))
-
-
-def make_translate_fn(translator, mesh, *, steps, samples):
-  fn = functools.partial(translator.translate, steps=steps, samples=samples)
-  return jax.jit(fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
-                                   parallel.replicated(mesh)),
-                 out_shardings=parallel.batch_sharding(mesh))
-
-
 def translate_volume(translate_fn, params, source: np.ndarray, rng, mesh,
-                     batch_size: int) -> Prediction:
+                     batch_size: int, on_batch=None) -> Prediction:
   """All axial slices of one (Z, H, W, Cs) volume, in batches padded to `batch_size`."""
   sharding = parallel.batch_sharding(mesh)
   means, stds = [], []
@@ -63,34 +41,43 @@ def translate_volume(translate_fn, params, source: np.ndarray, rng, mesh,
     mean, std = translate_fn(params, parallel.put_global(padded, sharding), key)
     means.append(parallel.to_host(mean)[:chunk.shape[0]])
     stds.append(parallel.to_host(std)[:chunk.shape[0]])
+    if on_batch is not None:
+      on_batch(chunk.shape[0])
   return Prediction(np.concatenate(means), np.concatenate(stds))
 
 
-def evaluate(translator, params, volumes, baseline, rng, mesh, *, target_modality: str,
-             steps: int, samples: int, batch_size: int, progress=None):
-  """Scores of model and baseline per subject, their summary, and the predictions."""
-  protocol = protocol_for(target_modality)
-  translate_fn = make_translate_fn(translator, mesh, steps=steps, samples=samples)
+def evaluation_rng(config):
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_SEED_OFFSET)
+
+
+def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = None,
+             rng=None, batch_size: int | None = None, progress=None):
+  """Scores of the run's model and baseline per subject, their summary, the predictions."""
+  config = run.config
+  steps = steps or config.translator.sample_steps
+  samples = samples or config.translator.samples
+  rng = evaluation_rng(config) if rng is None else rng
+  batch_size = batch_size or config.eval.batch_size
+  translate_fn = run.translate_fn(steps, samples)
   rows, predictions = [], []
   for i, volume in enumerate(volumes):
-    prediction = translate_volume(translate_fn, params, volume.source,
-                                  jax.random.fold_in(rng, i), mesh, batch_size)
+    prediction = translate_volume(translate_fn, run.params, volume.source,
+                                  jax.random.fold_in(rng, i), run.mesh, batch_size)
     predictions.append(prediction)
-    target = to_physical(volume.target[..., 0], volume.target_params, protocol)
-    mask = volume.mask[..., 0]
-    model_pred = to_physical(prediction.mean[..., 0], volume.target_params, protocol)
-    baseline_pred = to_physical(baseline(volume.source)[..., 0], volume.target_params, protocol)
+    physical = lambda unit: intensity.to_output_units(unit[..., 0], volume.target_params,
+                                                      run.target)
+    target, mask = physical(volume.target), volume.mask[..., 0]
     row = {"subject": volume.subject}
-    for name, pred in (("model", model_pred), ("baseline", baseline_pred)):
-      scores = metrics.score(pred, target, mask, protocol=protocol)
+    for name, pred in (("model", physical(prediction.mean)),
+                       ("baseline", physical(run.baseline(volume.source)))):
+      scores = metrics.score(pred, target, mask, protocol=run.protocol)
       row.update({f"{name}_{k}": v for k, v in scores.items()})
     rows.append(row)
     if progress is not None:
       progress(i + 1, len(volumes))
   summary = {
-      "protocol": protocol, "subjects": len(rows), "steps": steps, "samples": samples,
-      "nfe_per_sample": translator.nfe(steps),
-      **summarise(rows)}
+      "protocol": run.protocol, "subjects": len(rows), "steps": steps, "samples": samples,
+      "nfe_per_sample": run.translator.nfe(steps), **summarise(rows)}
   return summary, rows, predictions
 
 
@@ -104,44 +91,49 @@ def summarise(rows: list[dict]) -> dict:
   return out
 
 
-def write_results(directory: str, summary: dict, rows: list[dict], prefix: str = "") -> None:
+def write_results(directory, summary: dict, rows: list[dict], prefix: str = "") -> None:
   """`summary.json` and a per-subject CSV, each written whole or not at all."""
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f"{prefix}summary.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=2)
-  os.replace(path + ".tmp", path)
-  path = os.path.join(directory, f"{prefix}subjects.csv")
-  with open(path + ".tmp", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(path + ".tmp", path)
+  files.write_json(os.path.join(directory, f"{prefix}summary.json"), summary)
+  files.write_csv(os.path.join(directory, f"{prefix}subjects.csv"), rows)
 
 
-def save_images(path: str, volume, prediction: Prediction, *, target_modality: str,
-                num_slices: int, stochastic: bool) -> str:
-  """Evenly spaced axial slices through the subject's foreground."""
-  protocol = protocol_for(target_modality)
-  params = volume.target_params
-  filled = np.flatnonzero(volume.mask[..., 0].any(axis=(1, 2)))
-  lo, hi = (filled[0], filled[-1]) if filled.size else (0, volume.mask.shape[0] - 1)
-  slices = np.linspace(lo, hi, num_slices + 2).round().astype(int)[1:-1]
-  rows = []
-  for z in slices:
-    target = to_physical(volume.target[z, ..., 0], params, protocol)
-    pred = to_physical(prediction.mean[z, ..., 0], params, protocol)
-    row = {"source": volume.source[z, ..., 0], "prediction": pred, "target": target,
-           "|error|": np.abs(pred - target)}
-    if stochastic:
-      row["std"] = std_to_physical(prediction.std[z, ..., 0], params, protocol)
-    rows.append(row)
-  if protocol == "mri":
-    ranges = {"source": (-1, 1), "prediction": (0, 1), "target": (0, 1), "|error|": (0, 0.25),
-              "std": (0, 0.25)}
-    units = "[0, 1]"
-  else:
-    ranges = {"source": (-1, 1), "prediction": (-1000, 1500), "target": (-1000, 1500),
-              "|error|": (0, 500), "std": (0, 500)}
-    units = "HU"
-  return images.save_grid(path, rows, ranges, units)
+def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None) -> dict:
+  """Score the run's parameters on `split` and write what a person reads: the summary and
+  per-subject CSV under eval/<step>/, a picture in images/, a report with 3-plane views."""
+  volumes = run.eval_volumes(split)
+  summary, rows, predictions = evaluate(run, volumes)
+  summary = {"split": split, "step": int(run.step), "translator": run.translator.name,
+             **summary}
+  prefix = ("" if split == "val" else f"{split}_") if prefix is None else prefix
+  if jax.process_index() == 0:
+    directory = run.directory("eval", run.step)
+    write_results(directory, summary, rows, prefix=prefix)
+    image = figures.evaluation_grid(
+        run.directory("images", f"{split}_{run.step:06d}.png"), volumes[0], predictions[0],
+        target_modality=run.target, num_slices=run.config.eval.image_slices,
+        stochastic=run.translator.stochastic, source_channel=run.recipe.centre_channel)
+    figures.write_report(
+        os.path.join(directory, f"{prefix}report"),
+        figures.evaluation_subjects(volumes, predictions, rows, run.target,
+                                    spacing=run.recipe.spacing,
+                                    source_channel=run.recipe.centre_channel),
+        protocol=summary["protocol"])
+    if writer is not None:
+      scalars = {f"{name}_{k}": v for name in ("model", "baseline")
+                 for k, v in summary[name].items() if not k.endswith(("_std", "_median"))}
+      writer.write(run.step, scalars, prefix=split)
+      writer.image(run.step, f"{split}/grid", image)
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  keys = [k for k in summary["model"] if not k.endswith(("_std", "_median"))]
+  unit = {"synthrad2023": " (HU)", "mri": " ([0,1])"}.get(summary["protocol"], "")
+  lines = [f"held-out {summary['split']} ({summary['subjects']} subjects, step {summary['step']},"
+           f" {summary['protocol']}{unit}):",
+           f"  {'':10s}" + "".join(f"{k:>16s}" for k in keys)]
+  for name in ("model", "baseline"):
+    cells = "".join(f"{summary[name][k]:10.4f} ±{summary[name][k + '_std']:<5.3f}"[:16].rjust(16)
+                    for k in keys)
+    lines.append(f"  {name:10s}{cells}")
+  return "\n".join(lines)

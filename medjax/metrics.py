@@ -2,8 +2,8 @@
 
 Metrics take single-channel 2D (H, W) or 3D (D, H, W) arrays and are jit-able. SSIM
 reproduces scikit-image's `structural_similarity` (scipy 'reflect' borders, map averaged
-after cropping the window radius); `score` applies one protocol of DESIGN.md to one
-subject volume and returns python floats.
+after cropping the window radius); `score` applies one protocol of docs/design.md to one
+subject volume and returns python floats (docs/design.md, "Evaluation protocols").
 """
 import functools
 
@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import modalities
+
 PROTOCOLS = ("synthrad2023", "synthrad2025", "mri")
+
+
+def protocol_for(target_modality: str) -> str:
+  """The protocol a run's own evaluation scores a target with: HU for CT, [0, 1] for MR."""
+  return "synthrad2023" if modalities.is_ct(target_modality) else "mri"
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 # Protocol intensity windows in HU: (low, high); data range = high - low.
@@ -244,7 +251,7 @@ def _ct_window(volume, mask, hu_range):
 
 
 def score(pred, target, mask, protocol):
-  """One subject's metrics under `protocol` (see DESIGN.md); numpy in, floats out.
+  """One subject's metrics under `protocol` (docs/design.md); numpy in, floats out.
 
   synthrad2023 / synthrad2025: pred and target in HU. mri: both already on [0, 1].
   """

@@ -7,9 +7,13 @@ translators, which never see shardings).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medjax.errors import UserError
 
 DATA_AXIS = "data"
 
@@ -19,7 +23,7 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
-      raise ValueError(f"asked for {num_devices} devices, only {len(devices)} are visible")
+      raise UserError(f"asked for {num_devices} devices, only {len(devices)} are visible")
     devices = devices[:num_devices]
   return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
 
@@ -43,17 +47,27 @@ def global_batch(local_batch: dict, mesh) -> dict:
           for k, v in local_batch.items()}
 
 
-def maybe_initialize_distributed(coordinator: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
   """Start jax.distributed when asked for, or when a cluster environment says so."""
   if coordinator:
+    if num_processes is None or process_id is None:
+      raise UserError("--coordinator needs --num-processes and --process-id")
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=num_processes, process_id=process_id)
     return
-  import os
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
     jax.distributed.initialize()  # reads SLURM / TPU metadata itself
+
+
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache (MEDJAX_COMPILATION_CACHE; '0' turns it off), so a
+  command run again starts without recompiling."""
+  cache = os.environ.get("MEDJAX_COMPILATION_CACHE",
+                         os.path.join(os.path.expanduser("~"), ".cache", "medjax", "jax"))
+  if cache and cache != "0":
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def put_global(array: np.ndarray, sharding) -> jax.Array:

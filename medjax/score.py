@@ -1,4 +1,4 @@
-"""`medjax score`: metrics of predicted volumes against their targets, per subject.
+"""Metrics of predicted volumes against their targets, per subject (`medjax score`).
 
 Files are matched by subject. A plain folder names each volume by its path without the
 suffix (`OUT/phantom_003.nii.gz` → `phantom_003`), the way `medjax translate --output-dir`
@@ -10,24 +10,22 @@ does not compute the same way.
 Intensities: `synthrad2023`/`synthrad2025` take HU as stored. `mri` scores on [0, 1]: the
 target is scaled by its own robust range inside the mask (as in training), the prediction
 is read as already on [0, 1] (what `medjax translate` writes for MR targets) unless
-`--pred-scale robust` scales it the same way as the target.
+`--pred-scale robust` scales it the same way as the target. Without a mask, the
+target's automatic body mask (`mask.body_mask`) is the scoring region.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from medjax import metrics
-from medjax.cli import UserError
-from medjax.data import intensity, volumes
+from medjax import figures, files, metrics
+from medjax.data import intensity, layouts, volumes
+from medjax.data.mask import body_mask
+from medjax.errors import UserError
 
 SUFFIXES = (".nii.gz", ".nii", ".mha")
 INDEX = "translations.json"
@@ -58,7 +56,7 @@ def image_files(directory) -> dict[str, Path]:
   for path in sorted(directory.rglob("*")):
     name = path.name.lower()
     suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
-    if suffix and path.is_file() and not name.startswith(".tmp-"):
+    if suffix and path.is_file() and not name.startswith(files.TMP_PREFIX):
       found[path.relative_to(directory).as_posix()[:-len(suffix)]] = path
   return found
 
@@ -80,7 +78,6 @@ def cases(pred_dir, target_dir, mask_dir=None, *, layout=None, modality=None) ->
   preds = image_files(pred_dir)
   masks = image_files(mask_dir) if mask_dir else {}
   if layout:
-    from medjax.data import layouts
     try:
       subjects = layouts.find_subjects(layout, target_dir)
     except ValueError as error:
@@ -125,7 +122,8 @@ def load_case(case: Case, *, protocol: str, modality: str | None = None,
     if not mask.any():
       raise UserError(f"{case.mask}: empty mask")
   else:
-    mask = volumes.body_mask(target)  # no mask file: the target's foreground
+    reference = target if protocol == "mri" else np.maximum(target, intensity.HU_MIN)
+    mask = body_mask(reference)  # no mask file: the target's body
     if not mask.any():
       raise UserError(f"{case.target}: no foreground to score in (give --mask)")
   pred = arrays["pred"]
@@ -165,19 +163,9 @@ def summary(rows, failed, protocol: str) -> dict:
 def write_results(path, rows, result: dict) -> Path:
   """The per-subject CSV at `path`, the summary as JSON beside it (same name, .json)."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  columns = ["subject"] + [k for k in rows[0] if k != "subject"] if rows else ["subject"]
-  tmp = path.with_name(".tmp-" + path.name)
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
-  summary_path = path.with_suffix(".json")
-  tmp = summary_path.with_name(".tmp-" + summary_path.name)
-  tmp.write_text(json.dumps(result, indent=2))
-  os.replace(tmp, summary_path)
-  return summary_path
+  files.write_csv(path, rows, ["subject"] + [k for k in rows[0] if k != "subject"]
+                  if rows else ["subject"])
+  return files.write_json(path.with_suffix(".json"), result)
 
 
 def format_table(rows, result: dict) -> str:
@@ -195,8 +183,7 @@ def format_table(rows, result: dict) -> str:
 # --- report ----------------------------------------------------------------------------
 
 def report_subjects(all_cases, rows, *, protocol, modality=None, pred_scale="unit"):
-  """`report.Subject`s (RAS voxel order) of the scored cases."""
-  from medjax import report
+  """`figures.Subject`s (RAS voxel order) of the scored cases."""
   by_id = {c.id: c for c in all_cases}
   for row in rows:
     case = by_id[row["subject"]]
@@ -207,65 +194,8 @@ def report_subjects(all_cases, rows, *, protocol, modality=None, pred_scale="uni
     for name in ("source", "std"):
       path = getattr(case, name)
       extra[name] = ras(volumes.load(path)[0]) if path is not None and path.exists() else None
-    yield report.Subject(
+    yield figures.Subject(
         id=case.id, prediction=ras(loaded["pred"]), target=ras(loaded["target"]),
         mask=ras(loaded["mask"]), metrics={k: v for k, v in row.items() if k != "subject"},
         spacing=tuple(volumes.voxel_spacing(volumes.to_ras(loaded["target"], affine)[1])),
         **extra)
-
-
-# --- command line ----------------------------------------------------------------------
-
-def add_score_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-  parser.add_argument("--pred", required=True, help="folder of predicted volumes")
-  parser.add_argument("--target", required=True,
-                      help="folder of target volumes, or a dataset folder with --layout")
-  parser.add_argument("--mask", help="folder of masks, named as the targets")
-  parser.add_argument("--protocol", required=True, choices=metrics.PROTOCOLS)
-  parser.add_argument("--layout", help="read --target as a dataset (synthrad2023, phantom, …)")
-  parser.add_argument("--modality", help="the target modality in a --layout dataset"
-                      " (default: ct for synthrad protocols, translate's target if known)")
-  parser.add_argument("--pred-scale", choices=("unit", "robust"), default="unit",
-                      help="mri: predictions already on [0, 1] (unit), or scale them by"
-                      " their own robust range like the targets (robust)")
-  parser.add_argument("--out", help="per-subject CSV (default: PRED/scores.csv); the summary"
-                      " JSON goes beside it")
-  parser.add_argument("--report", help="also write a PNG per subject and report.md here")
-  return parser
-
-
-def _modality(args) -> str | None:
-  if args.modality:
-    return args.modality
-  index = Path(args.pred) / INDEX
-  if index.exists():
-    return json.loads(index.read_text()).get("target")
-  return "ct" if args.protocol.startswith("synthrad") else None
-
-
-def score_main(args) -> int:
-  modality = _modality(args)
-  if args.layout and not modality:
-    raise UserError("--layout needs --modality (which file of each subject is the target)")
-  all_cases = cases(args.pred, args.target, args.mask, layout=args.layout, modality=modality)
-  if not all_cases:
-    raise UserError(f"no volumes in {args.pred} or {args.target}")
-  log = lambda line: print(line, file=sys.stderr)
-  rows, failed = score_cases(all_cases, protocol=args.protocol, modality=modality,
-                             pred_scale=args.pred_scale, log=log)
-  if not rows:
-    raise UserError(f"no subject could be scored ({len(failed)} failed; first:"
-                    f" {next(iter(failed.values()))})")
-  result = summary(rows, failed, args.protocol)
-  out = Path(args.out or Path(args.pred) / "scores.csv")
-  summary_path = write_results(out, rows, result)
-  print(format_table(rows, result))
-  print(f"{len(rows)} subject(s) scored ({args.protocol}) → {out}, {summary_path}"
-        + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
-  if args.report:
-    from medjax import report
-    page = report.write_report(args.report, report_subjects(
-        all_cases, rows, protocol=args.protocol, modality=modality, pred_scale=args.pred_scale),
-        protocol=args.protocol)
-    print(f"report: {page}")
-  return 1 if failed else 0

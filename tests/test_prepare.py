@@ -121,7 +121,7 @@ def test_records_equal_an_independent_numpy_computation(prepared, dataset):
   t2 = nib.load(dataset / "s00" / "t2w.nii.gz").get_fdata()
   mask = np.asarray(nib.load(dataset / "s00" / "mask.nii.gz").dataobj) > 0
 
-  def unit(volume):  # DESIGN.md: MR 0.5th/99.5th percentile in the foreground → [-1, 1]
+  def unit(volume):  # docs/design.md: MR 0.5th/99.5th percentile in the foreground → [-1, 1]
     lo, hi = np.percentile(volume[mask], [0.5, 99.5])
     return np.clip(2 * (volume - lo) / (hi - lo) - 1, -1, 1)
 

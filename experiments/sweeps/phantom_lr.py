@@ -1,6 +1,6 @@
 r"""Learning rate × seed for the default phantom experiment (T1w → T2w, flow matching).
 
-  medjax sweep --config experiments/phantom_flow.py --sweep experiments/sweeps/phantom_lr.py \
+  medjax sweep --config experiments/phantom.py --sweep experiments/sweeps/phantom_lr.py \
       --workdir runs/phantom_lr --parallel 2
 
 Three learning rates a factor √10 apart around the default 1e-3, each with two seeds, so

@@ -1,4 +1,4 @@
-"""Intensity normalisation to [-1, 1] and its inverse (DESIGN.md, "Intensities").
+"""Intensity normalisation to [-1, 1] and its inverse (docs/design.md, "Intensities").
 
 CT keeps a fixed, physical mapping (HU clipped to [-1024, 3000]) so that a prediction
 can always be read back in HU. MR has no absolute unit, so each volume is scaled by its
@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-CT_MODALITIES = ("ct", "cbct")
+from medjax import modalities
+
 HU_MIN, HU_MAX = -1024.0, 3000.0
 MR_PERCENTILES = (0.5, 99.5)
 
 
-def is_ct(modality: str) -> bool:
-  return modality in CT_MODALITIES
-
-
 def fit(volume: np.ndarray, modality: str, mask: np.ndarray | None = None) -> dict:
   """Parameters of the [-1, 1] mapping for one volume of one modality."""
-  if is_ct(modality):
+  if modalities.is_ct(modality):
     return {"kind": "ct", "lo": HU_MIN, "hi": HU_MAX}
   values = volume[mask > 0.5] if mask is not None and np.any(mask > 0.5) else volume.ravel()
   values = values[np.isfinite(values)]
@@ -52,3 +49,16 @@ def denormalise(unit, params: dict):
 def to_unit_interval(unit):
   """[-1, 1] → [0, 1]: the scale on which the `mri` protocol scores MR."""
   return (unit + 1.0) * 0.5
+
+
+def to_output_units(unit, params: dict, modality: str):
+  """[-1, 1] → what medjax writes and scores: HU for CT/CBCT, [0, 1] for MR (which has no
+  physical unit; [0, 1] is the target's robust range, the scale the `mri` protocol uses)."""
+  if modalities.is_ct(modality):
+    return denormalise(unit, params)
+  return to_unit_interval(unit)
+
+
+def std_to_output_units(std, params: dict, modality: str):
+  """A standard deviation on the [-1, 1] scale in the units of `to_output_units`."""
+  return std * (0.5 * (params["hi"] - params["lo"]) if modalities.is_ct(modality) else 0.5)

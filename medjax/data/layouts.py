@@ -17,24 +17,11 @@ import os
 import re
 from pathlib import Path
 
-# Every spelling seen in the supported layouts → one name.
-ALIASES = {
-    "t1": "t1w", "t1n": "t1w", "t1w": "t1w",
-    "t1ce": "t1c", "t1c": "t1c", "t1gd": "t1c",
-    "t2": "t2w", "t2w": "t2w",
-    "flair": "flair", "t2f": "flair",
-    "pd": "pd", "pdw": "pd",
-    "mr": "mr", "cbct": "cbct", "ct": "ct", "mask": "mask", "seg": "seg",
-}
-MODALITIES = tuple(sorted(set(ALIASES.values())))
+from medjax import modalities
+
+ALIASES = modalities.ALIASES
+MODALITIES = modalities.ALL
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha")
-
-
-def canonical_modality(name: str) -> str:
-  key = name.strip().lower()
-  if key not in ALIASES:
-    raise ValueError(f"unknown modality {name!r}; known: {', '.join(sorted(ALIASES))}")
-  return ALIASES[key]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from medjax import files
 
 MODALITIES = ("t1w", "t2w", "pd", "flair", "ct")
 MR_SEQUENCES = MODALITIES[:4]
@@ -582,40 +583,6 @@ def fov_spacing(shape, fov_mm=DEFAULT_FOV_MM) -> tuple[float, float, float]:
   return tuple(float(f) / int(n) for f, n in zip(fov_mm, shape))
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-  """'160x160x96' → (160, 160, 96)."""
-  parts = str(text).lower().replace("×", "x").split("x")
-  try:
-    shape = tuple(int(p) for p in parts)
-  except ValueError:
-    shape = ()
-  if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(f"shape must be three positive integers joined by 'x', like 160x160x96; got {text!r}")
-  return shape
-
-
-def parse_spacing(text: str) -> tuple[float, float, float]:
-  """'1,1,2.5' → (1.0, 1.0, 2.5) millimetres."""
-  try:
-    spacing = tuple(float(p) for p in str(text).replace("x", ",").split(","))
-  except ValueError:
-    spacing = ()
-  if len(spacing) != 3 or min(spacing) <= 0:
-    raise ValueError(f"spacing must be three positive numbers in mm, like 1,1,1; got {text!r}")
-  return spacing
-
-
-def _atomic(path: Path, write):
-  """write(temporary path) then rename: a crash never leaves a half-written `path`."""
-  temporary = path.with_name(f".{path.name.split('.')[0]}.{os.getpid()}.tmp{''.join(path.suffixes)}")
-  try:
-    write(temporary)
-    os.replace(temporary, path)
-  except BaseException:
-    temporary.unlink(missing_ok=True)
-    raise
-
-
 def _nifti(volume: np.ndarray, affine: np.ndarray):
   import nibabel as nib
   image = nib.Nifti1Image(volume.astype(np.float32), affine)
@@ -643,9 +610,9 @@ def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFA
     folder = out_dir / names[subject]
     folder.mkdir(parents=True, exist_ok=True)
     for name in (*MODALITIES, "mask"):
-      image = _nifti(volumes[name], volumes["affine"])
-      _atomic(folder / f"{name}.nii.gz", lambda path, image=image: nib.save(image, path))
+      with files.atomic_write(folder / f"{name}.nii.gz") as tmp:
+        nib.save(_nifti(volumes[name], volumes["affine"]), tmp)
     folders.append(folder)
   text = json.dumps({k: [names[i] for i in v] for k, v in split.items()}, indent=1)
-  _atomic(out_dir / "split.json", lambda path: path.write_text(text + "\n"))
+  files.write_text(out_dir / "split.json", text + "\n")
   return folders

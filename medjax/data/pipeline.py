@@ -7,35 +7,23 @@ a resumed run reads exactly the next batch. Every process lays out the same glob
 and only reads (and augments) its own rows of it, so P processes train on exactly the
 batches one process would.
 
-Two sources yield the same slice records (DESIGN.md, "Batch"): `PhantomSlices`, which
+Two sources yield the same slice records (docs/design.md, "Batch"): `PhantomSlices`, which
 renders phantom subjects on the fly (the main job needs no files), and the ArrayRecord
 shards written by `medjax prepare` (`medjax.data.shards.ShardSlices`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
 
 import grain
 import jax
 import numpy as np
 
-from medjax import config as config_lib
+from medjax import modalities
 from medjax.data import intensity, phantom
-
-
-@dataclasses.dataclass
-class Volume:
-  """One held-out subject, normalised, as axial slices: arrays are (Z, H, W, C)."""
-  subject: str
-  source: np.ndarray
-  target: np.ndarray
-  mask: np.ndarray
-  target_params: dict  # intensity.denormalise parameters of the target modality
-
-  def records(self):
-    for z in range(self.source.shape[0]):
-      yield {"source": self.source[z], "target": self.target[z], "mask": self.mask[z]}
+from medjax.data.preprocess import Recipe, Volume
+from medjax.errors import ConfigError
 
 
 def phantom_volume(config, subject: int) -> Volume:
@@ -49,7 +37,7 @@ def phantom_volume(config, subject: int) -> Volume:
     # (X, Y, Z) → (Z, X, Y): one axial slice per leading index.
     return np.moveaxis(intensity.normalise(vols[modality], params), -1, 0), params
 
-  sources = [unit(m)[0] for m in config_lib.source_modalities(config)]
+  sources = [unit(m)[0] for m in modalities.as_tuple(config.data.source)]
   target, target_params = unit(config.data.target)
   return Volume(
       subject=f"phantom_{subject:03d}",
@@ -101,27 +89,41 @@ def train_source(config):
   return shards.ShardSlices(config.data.dir, "train")
 
 
-def check_shards(config) -> dict:
-  """The shard folder's prepare settings, after checking they are what the config asks."""
-  from medjax.data import shards
-  import os
-  if not os.path.isfile(os.path.join(config.data.dir, "manifest.json")):
-    raise config_lib.ConfigError(
-        f"data.dir={config.data.dir!r} holds no manifest.json: run `medjax prepare` first")
-  settings = shards.load_manifest(config.data.dir)["settings"]
-  asked = {"sources": list(config_lib.source_modalities(config)), "targets": [config.data.target]}
-  for key, value in asked.items():
-    if settings[key] != value:
-      raise config_lib.ConfigError(
-          f"{config.data.dir} was prepared with {key}={settings[key]}, the config asks {value}")
-  return settings
-
-
-def baseline_channel(config) -> int:
-  """The source channel holding the first modality's centre slice (2.5D context aside)."""
+def recipe(config) -> Recipe:
+  """How the training slices are made: the phantom grid, or the shards' recipe."""
   if config.data.kind == "phantom":
-    return 0
-  return int(check_shards(config)["context"])
+    return Recipe.of_phantom(config)
+  return check_shards(config)
+
+
+def check_shards(config) -> Recipe:
+  """The shard folder's recipe, after checking it is what the config asks for."""
+  from medjax.data import shards
+  if not os.path.isfile(os.path.join(config.data.dir, "manifest.json")):
+    raise ConfigError(
+        f"data.dir={config.data.dir!r} holds no manifest.json: run `medjax prepare` first")
+  made = shards.recipe(config.data.dir)
+  asked = {"sources": modalities.as_tuple(config.data.source), "targets": (config.data.target,)}
+  for key, value in asked.items():
+    if getattr(made, key) != value:
+      raise ConfigError(f"{config.data.dir} was prepared with {key}={list(getattr(made, key))},"
+                        f" the config asks {list(value)}")
+  return made
+
+
+def check_splits(config) -> None:
+  """Refuse, before training, a held-out split without subjects: evaluation needs one."""
+  if config.data.kind == "phantom":
+    counts = {name: len(ids) for name, ids in phantom_split(config).items()}
+    where = f"data.phantom.subjects={config.data.phantom.subjects}"
+  else:
+    from medjax.data import shards
+    counts = {name: len(shards.shard_paths(config.data.dir, name)) for name in ("val", "test")}
+    where = f"{config.data.dir}"
+  for name in ("val", "test"):
+    if not counts.get(name):
+      raise ConfigError(f"the {name} split of {where} has no subject; evaluation needs at "
+                        "least one (more subjects, or other split fractions)")
 
 
 def eval_volumes(config, split: str) -> list[Volume]:
@@ -180,7 +182,7 @@ def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
 def train_dataset(config) -> grain.IterDataset:
   global_batch = config.train.batch_size
   if global_batch % jax.process_count():
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"train.batch_size={global_batch} is not divisible by {jax.process_count()} processes")
   source, target_source = train_source(config), None
   if config.data.unpaired:
@@ -199,7 +201,7 @@ def unpaired_sources(config):
   if config.data.kind == "phantom":
     subjects = phantom_split(config)["train"]
     if len(subjects) < 2:
-      raise config_lib.ConfigError("data.unpaired needs at least 2 training subjects")
+      raise ConfigError("data.unpaired needs at least 2 training subjects")
     half = len(subjects) // 2
     return PhantomSlices(config, subjects[:half]), PhantomSlices(config, subjects[half:])
   source = train_source(config)

@@ -1,20 +1,9 @@
-"""One subject's files → normalised source/target/mask volumes on one grid.
+"""Reading and writing volumes, and the voxel geometry between them.
 
-Steps (each is the inverse-friendly kind, so `to_original` can undo them for
-volume-in/volume-out translation):
-1. load (nibabel; SimpleITK for .mha) and refuse what is broken, naming the file;
-2. reorient to RAS: a pure permutation/flip of voxels, no interpolation;
-3. the grid: the first source modality's RAS grid with voxels resized to `spacing`,
-   keeping its field of view (outer voxel corners) and its direction cosines;
-4. every modality is resampled onto that grid through its own affine (a modality on
-   another grid lands where the scanner says it is; `register="rigid"` first corrects
-   the scanner with a SimpleITK rigid registration, as IXI's T1 needs);
-5. the body mask comes from the dataset's mask file, else Otsu + largest component +
-   hole filling on the reference image;
-6. intensities to [-1, 1] (`intensity.py`): CT fixed HU window, MR per-volume robust range;
-7. crop or pad in-plane to `size`, centred on the body.
-
-Slices are axial: array axes (Z, H, W, C) with H along RAS x and W along RAS y.
+`load` reads NIfTI (nibabel) or .mha (SimpleITK) and refuses what is broken with a
+`VolumeError` naming the file; `to_ras` reorients without interpolation; `resized_grid`,
+`resample`, `crop_start` and `window` are the steps `preprocess.py` composes and inverts;
+`save_like` writes a result with the header of the file it came from.
 """
 
 from __future__ import annotations
@@ -29,18 +18,18 @@ import nibabel.orientations as nio
 import numpy as np
 from scipy import ndimage
 
-from medjax.data import intensity
+from medjax.errors import UserError
 
 AFFINE_ATOL = 1e-3  # rotation/zoom part; NIfTI stores affines in float32
 ORIGIN_ATOL_MM = 1e-2
 
 
-class VolumeError(Exception):
+class VolumeError(UserError):
   """A file that cannot be used, with the reason in words."""
 
   def __init__(self, path, reason: str):
     self.path, self.reason = Path(path), reason
-    super().__init__(f"{self.path.name}: {reason}")
+    super().__init__(f"{self.path}: {reason}")
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -206,23 +195,6 @@ def register_rigid(fixed, fixed_affine, moving, moving_affine, *, seed: int = 1)
   return LPS_TO_RAS @ lps_map @ LPS_TO_RAS
 
 
-def body_mask(volume: np.ndarray) -> np.ndarray:
-  """Otsu foreground, its largest connected component, holes filled (3D, then per slice)."""
-  from skimage.filters import threshold_otsu
-  if np.ptp(volume) == 0:
-    return np.zeros(volume.shape, bool)
-  foreground = volume > threshold_otsu(volume)
-  labels, count = ndimage.label(foreground)
-  if count > 1:
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    foreground = labels == np.argmax(sizes)
-  foreground = ndimage.binary_fill_holes(foreground)
-  for z in range(foreground.shape[2]):  # holes open to the top/bottom of the volume
-    foreground[:, :, z] = ndimage.binary_fill_holes(foreground[:, :, z])
-  return foreground
-
-
 def crop_start(mask: np.ndarray, size) -> tuple[int, int]:
   """In-plane window start per axis: centred on the body, inside the volume when it fits.
 
@@ -252,135 +224,31 @@ def window(volume: np.ndarray, start, size, fill: float) -> np.ndarray:
   return out
 
 
-# --- one subject -----------------------------------------------------------------------
-
-@dataclasses.dataclass
-class PreparedSubject:
-  """Normalised volumes on the subject's grid, as axial slices: (Z, H, W, C)."""
-  id: str
-  sources: tuple[str, ...]
-  targets: tuple[str, ...]
-  source: np.ndarray
-  target: np.ndarray
-  mask: np.ndarray
-  geometry: dict
-  normalisation: dict  # modality → intensity.fit parameters
-
-  def foreground_slices(self) -> np.ndarray:
-    return np.flatnonzero(self.mask.reshape(self.mask.shape[0], -1).any(1))
-
-  def context_source(self, z: int, context: int) -> np.ndarray:
-    """Source channels of slice z with `context` neighbours each side, edge-clamped.
-
-    Channel order: modality-major, i.e. [m0(z-K) … m0(z+K), m1(z-K) …].
-    """
-    if context == 0:
-      return self.source[z]
-    depth = self.source.shape[0]
-    near = np.clip(np.arange(z - context, z + context + 1), 0, depth - 1)
-    stack = self.source[near]  # (2K+1, H, W, Cs)
-    return np.ascontiguousarray(stack.transpose(1, 2, 3, 0).reshape(
-        stack.shape[1], stack.shape[2], -1))
-
-  def records(self, context: int = 0, subject_index: int = 0):
-    """Slice-pair records (DESIGN.md "Batch"), slices without foreground left out."""
-    for z in self.foreground_slices():
-      yield {"source": self.context_source(int(z), context), "target": self.target[z],
-             "mask": self.mask[z], "subject": np.int32(subject_index), "slice": np.int32(z)}
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-def _axial(volume: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.moveaxis(volume, 2, 0))  # (X, Y, Z) → (Z, X, Y)
-
-
-def preprocess_subject(subject, sources, target, *, spacing=(1.0, 1.0, 1.0), size=(256, 256),
-                       context: int = 0, register: str | None = None) -> PreparedSubject:
-  """`subject` (a `layouts.Subject`) → `PreparedSubject`; `VolumeError` if a file is bad.
-
-  `context` is accepted for symmetry with `prepare` and only used by `records`.
-  """
-  del context
-  sources = tuple(sources)
-  targets = (target,) if isinstance(target, str) else tuple(target)
-  size = (size, size) if np.isscalar(size) else tuple(size)
-  missing = [m for m in sources + targets if m not in subject.files]
-  if missing:
-    raise VolumeError(subject.id, f"missing modality {', '.join(missing)}")
-  reference = sources[0]
-  original, original_affine = load(subject.files[reference])
-  ras, ras_affine = to_ras(original, original_affine)
-  grid_affine, grid_shape = resized_grid(ras_affine, ras.shape, spacing)
-
-  on_grid, off_grid, registered = {}, [], []
-  wanted = sources + tuple(m for m in targets if m not in sources)
-  for modality in wanted + (("mask",) if "mask" in subject.files else ()):
-    data, affine = (ras, ras_affine) if modality == reference else to_ras(
-        *load(subject.files[modality]))
-    world = None
-    if modality != reference and not same_grid(data.shape, affine, ras.shape, ras_affine):
-      off_grid.append(modality)
-      if register == "rigid" and modality != "mask":
-        world = register_rigid(on_grid[reference], grid_affine, data, affine)
-        registered.append(modality)
-    if modality == "mask":
-      on_grid["mask"] = resample(data > 0, affine, grid_affine, grid_shape, order=1,
-                                 world=world) >= 0.5
-    else:
-      on_grid[modality] = resample(data, affine, grid_affine, grid_shape, order=1,
-                                   cval=float(data.min()), world=world)
-
-  mask = on_grid.pop("mask", None)
-  if mask is None:
-    mask = body_mask(on_grid[reference])
-  if not mask.any():
-    raise VolumeError(subject.files[reference], "empty body mask")
-
-  normalisation = {m: intensity.fit(on_grid[m], m, mask) for m in wanted}
-  start = crop_start(mask, size)
-
-  def stack(modalities):
-    unit = [window(intensity.normalise(on_grid[m], normalisation[m]), start, size, -1.0)
-            for m in modalities]
-    return _axial(np.stack(unit, -1))
-
-  geometry = {
-      "reference": reference,
-      "original_shape": list(original.shape),
-      "original_affine": original_affine.tolist(),
-      "original_spacing": voxel_spacing(original_affine).tolist(),
-      "ras_shape": list(ras.shape),
-      "ras_affine": ras_affine.tolist(),
-      "grid_shape": list(grid_shape),
-      "grid_affine": grid_affine.tolist(),
-      "spacing": voxel_spacing(grid_affine).tolist(),
-      "crop_start": list(start),
-      "size": list(size),
-      "off_grid": off_grid,
-      "registered": registered,
-  }
-  return PreparedSubject(
-      id=subject.id, sources=sources, targets=targets,
-      source=stack(sources), target=stack(targets),
-      mask=_axial(window(mask.astype(np.float32), start, size, 0.0)[..., None]),
-      geometry=geometry, normalisation=normalisation)
-
-
-def to_original(volume: np.ndarray, geometry: dict, *, order: int = 1,
-                fill: float = -1.0) -> np.ndarray:
-  """Undo crop/pad, resampling and reorientation: (Z, H, W) → the reference file's grid.
-
-  Save the result with `geometry["original_affine"]` to get a NIfTI aligned with the input.
-  """
+def save_like(volume: np.ndarray, reference, path) -> None:
+  """Write float32 `volume` with the reference file's header: affine, qform/sform and their
+  codes, zooms and units survive. A non-NIfTI reference (.mha) gives its RAS affine."""
+  from medjax import files
+  path, reference = Path(path), Path(reference)
+  if not str(path).endswith(NIFTI_SUFFIXES):
+    raise UserError(f"{path}: output must be a .nii or .nii.gz file")
   volume = np.asarray(volume, np.float32)
-  if volume.ndim == 4:
-    volume = volume[..., 0]
-  in_plane = np.moveaxis(volume, 0, 2)  # (H, W, Z)
-  grid_shape = tuple(geometry["grid_shape"])
-  start = geometry["crop_start"]
-  uncropped = window(in_plane, [-s for s in start], grid_shape[:2], fill)
-  ras_shape = tuple(geometry["ras_shape"])
-  ras = resample(uncropped, np.asarray(geometry["grid_affine"]), np.asarray(geometry["ras_affine"]),
-                 ras_shape, order=order, cval=fill)
-  original_affine = np.asarray(geometry["original_affine"])
-  back = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.io_orientation(original_affine))
-  return np.ascontiguousarray(nio.apply_orientation(ras, back))
+  if str(reference).endswith(NIFTI_SUFFIXES):
+    ref = nib.load(reference)
+    if int(np.prod(ref.shape)) == volume.size:
+      volume = volume.reshape(ref.shape)  # e.g. a trailing singleton axis
+    header = ref.header.copy()
+    header.set_data_dtype(np.float32)
+    image = type(ref)(volume, ref.affine, header)
+    image.set_qform(ref.header.get_qform(), code=int(ref.header["qform_code"]))
+    image.set_sform(ref.header.get_sform(), code=int(ref.header["sform_code"]))
+    image.header.set_slope_inter(1.0, 0.0)
+  else:
+    _, affine = load(reference)
+    image = nib.Nifti1Image(volume, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+  with files.atomic_write(path) as tmp:
+    nib.save(image, tmp)

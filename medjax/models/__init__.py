@@ -1,4 +1,8 @@
-"""Backbones by name, so an experiment config picks one with a string."""
+"""Backbones by name, so an experiment config picks one with a string.
+
+`OPTIONS[name]` declares the `model.*` keys a backbone takes: default and one-line
+meaning (printed by `medjax config`).
+"""
 
 import dataclasses
 
@@ -9,6 +13,26 @@ from medjax.models.resnet import ResNetGenerator
 from medjax.models.unet import UNet
 
 MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN}
+
+OPTIONS = {
+    "unet": {
+        "channels": (32, "width of the first level (ADM U-Net)"),
+        "channel_mult": ((1, 2, 2), "width multiplier per level; one downsampling between levels"),
+        "num_res_blocks": (1, "residual blocks per level"),
+        "attention_levels": ((2,), "levels (indices into channel_mult) with self-attention"),
+        "num_heads": (4, "attention heads"),
+        "dropout": (0.0, "dropout inside residual blocks while training"),
+    },
+    "resnet": {
+        "channels": (64, "width of the first convolution (CycleGAN ResNet generator)"),
+        "num_blocks": (9, "residual blocks at the lowest resolution"),
+    },
+    "patchgan": {
+        "channels": (64, "width of the first discriminator layer (70×70 PatchGAN)"),
+        "num_layers": (3, "strided layers; sets the patch each logit judges"),
+        "norm": ("instance", "'instance' | 'none' (logits that depend on their patch only)"),
+    },
+}
 
 
 def build(name: str, **kwargs) -> nn.Module:
@@ -27,4 +51,4 @@ def build(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["MODELS", "PatchGAN", "ResNetGenerator", "UNet", "build"]
+__all__ = ["MODELS", "OPTIONS", "PatchGAN", "ResNetGenerator", "UNet", "build"]

@@ -1,5 +1,6 @@
 """Translators by name: a config picks its method with `translator.name`."""
 
+from medjax.errors import ConfigError
 from medjax.translators.base import Translator, TrainState
 from medjax.translators.bridge import Bridge
 from medjax.translators.cyclegan import CycleGAN
@@ -12,10 +13,14 @@ TRANSLATORS = {cls.name: cls for cls in (Regression, Flow, Diffusion, Bridge, Pi
 
 
 def build(config) -> Translator:
+  """The config's translator; a ConfigError for an unknown method, model or option value."""
   name = config.translator.name
   if name not in TRANSLATORS:
-    raise ValueError(f"translator.name={name!r}; known: {', '.join(sorted(TRANSLATORS))}")
-  return TRANSLATORS[name](config)
+    raise ConfigError(f"translator.name={name!r}; known: {', '.join(sorted(TRANSLATORS))}")
+  try:
+    return TRANSLATORS[name](config)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
 __all__ = ["TRANSLATORS", "Translator", "TrainState", "build"]

@@ -1,4 +1,4 @@
-"""The translator protocol (DESIGN.md, "Translator protocol").
+"""The translator protocol (docs/design.md, "Translator protocol").
 
 A translator is a handful of pure functions around one TrainState pytree:
 
@@ -36,8 +36,8 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   """AdamW with linear warm-up, cosine decay to 1 % and global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.learning_rate,
-      warmup_steps=min(train.warmup_steps, max(train.steps - 1, 0)),
-      decay_steps=max(train.steps, 1), end_value=0.01 * train.learning_rate)
+      warmup_steps=min(train.warmup_steps, max(train.total_steps - 1, 0)),
+      decay_steps=max(train.total_steps, 1), end_value=0.01 * train.learning_rate)
   return optax.chain(
       optax.clip_by_global_norm(train.grad_clip),
       optax.adamw(schedule, weight_decay=train.weight_decay))
@@ -58,6 +58,23 @@ class Translator:
 
   name = "base"
   stochastic = False  # True: `translate` draws samples and its std is meaningful
+  # The method's own `translator.*` keys: {key: (default, one-line meaning)}.
+  options: dict = {}
+  # Where the inference parameters sit in the train state: what a trained run restores.
+  inference_path: tuple[str, ...] = ("ema_params",)
+
+  @classmethod
+  def all_options(cls) -> dict:
+    """`translator.*` keys of this method, the sampling ones every method shares first."""
+    if cls.stochastic:
+      common = {"sample_steps": (8, "sampling steps per draw, used by evaluation and "
+                                    "`medjax translate` unless told otherwise"),
+                "samples": (4, "draws averaged per slice; their std is the uncertainty map")}
+    else:
+      common = {"sample_steps": (1, "one network evaluation per image (kept for a uniform "
+                                    "interface)"),
+                "samples": (1, "a deterministic method: one draw, zero std")}
+    return {**common, **cls.options}
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -81,7 +98,7 @@ class Translator:
 
     `lax.map` keeps one draw's activations in memory at a time, whatever K is.
     """
-    steps = steps or self.config.translator.steps
+    steps = steps or self.config.translator.sample_steps
     draws = jax.lax.map(lambda key: self.sample(params, source, key, steps),
                         jax.random.split(rng, samples))
     draws = jnp.clip(draws, -1.0, 1.0)
@@ -112,8 +129,10 @@ class Translator:
     return state.replace(step=state.step + 1, params=params, ema_params=ema,
                          opt_state=opt_state), metrics
 
-  def inference_params(self, state: TrainState):
-    return state.ema_params
+  def inference_params(self, state):
+    for key in self.inference_path:
+      state = getattr(state, key) if hasattr(state, key) else state[key]
+    return state
 
   def apply(self, params, x, t, source, rng=None, *, train: bool):
     rngs = {"dropout": rng} if (train and rng is not None) else None

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import config as config_lib
+from medjax import modalities
 from medjax.translators import base
 
 BRIDGES = ("brownian", "i2sb")
@@ -57,6 +57,14 @@ def i2sb_clock(t, beta_min: float = 1e-4, beta_max: float = 3e-4):
 class Bridge(base.Translator):
   name = "bridge"
   stochastic = True
+  options = {
+      "bridge": ("brownian", "'brownian' (BBDM: m_t = t, L1 on the residual) | 'i2sb' "
+                             "(I2SB's Schrödinger bridge clock, L2)"),
+      "bridge_variance": (0.5, "peak variance v_max of the bridge at mid-way (BBDM: 0.5, "
+                               "I2SB: about 0.034)"),
+      "eta": (1.0, "posterior noise: 1 samples the bridge posterior (BBDM, I2SB), 0 is "
+                   "deterministic"),
+  }
 
   def __init__(self, config):
     super().__init__(config)
@@ -84,7 +92,7 @@ class Bridge(base.Translator):
   def _start(self, source):
     # The bridge ends on the first modality's centre slice (with 2.5D context each modality
     # brings 2k+1 channels, z-k … z+k); all channels still condition the network.
-    per_modality = source.shape[-1] // len(config_lib.source_modalities(self.config))
+    per_modality = source.shape[-1] // len(modalities.as_tuple(self.config.data.source))
     centre = per_modality // 2
     return source[..., centre:centre + 1]
 
@@ -104,7 +112,7 @@ class Bridge(base.Translator):
     return jnp.mean(jnp.abs(error) if self.bridge == "brownian" else error ** 2), {}
 
   def nfe(self, steps=None):
-    return steps or self.config.translator.steps
+    return steps or self.config.translator.sample_steps
 
   def sample(self, params, source, rng, steps: int):
     """One draw: from x_1 = source down the S-step grid of t to x̂0."""

@@ -26,12 +26,10 @@ import jax.numpy as jnp
 import optax
 
 from medjax import models
-from medjax.translators import base
-from medjax.translators.pix2pix import (GAN_LOSSES, GANState, build_discriminator,
-                                        discriminator_loss, generator_loss)
+from medjax.translators import gan
 
 
-class CycleState(GANState):
+class CycleState(gan.GANState):
   pool_a: Any  # (pool_size, H, W, Cs) generated source-domain images
   pool_b: Any  # (pool_size, H, W, 1) generated target-domain images
   pool_count: jax.Array  # how many of the slots are filled (the same for both pools)
@@ -71,20 +69,22 @@ def _replicated(x):
                                                              jax.sharding.PartitionSpec()))
 
 
-class CycleGAN(base.Translator):
+class CycleGAN(gan.GANTranslator):
   name = "cyclegan"
+  options = {**gan.GANTranslator.options,
+             "lambda_cycle": (10.0, "weight of the cycle-consistency L1 terms"),
+             "lambda_identity": (0.5, "weight of the identity terms, times lambda_cycle "
+                                      "(as Zhu et al.)"),
+             "pool_size": (50, "generated images kept in each history pool (0: no pool)")}
+  inference_path = ("ema_params", "g")
 
   def __init__(self, config):
     super().__init__(config)
     cfg = config.translator
-    if cfg.gan_loss not in GAN_LOSSES:
-      raise ValueError(f"translator.gan_loss={cfg.gan_loss!r}; known: {GAN_LOSSES}")
     if cfg.pool_size < 0:
       raise ValueError(f"translator.pool_size={cfg.pool_size} must be ≥ 0 (0: no pool)")
-    self.gan_loss, self.pool_size = cfg.gan_loss, int(cfg.pool_size)
+    self.pool_size = int(cfg.pool_size)
     self.lambda_cycle, self.lambda_identity = float(cfg.lambda_cycle), float(cfg.lambda_identity)
-    self.discriminator = build_discriminator(config)
-    self.disc_tx = base.make_optimizer(config.train)
 
   def build_model(self, config):
     return models.build(config.model.name, out_channels=1, **self._backbone(config))
@@ -116,11 +116,8 @@ class CycleGAN(base.Translator):
     disc_params = {"d_a": self.discriminator.init(keys[2], source, train=False)["params"],
                    "d_b": self.discriminator.init(keys[3], target, train=False)["params"]}
     pool = lambda x: jnp.zeros((max(self.pool_size, 1), *x.shape[1:]), jnp.float32)
-    return CycleState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=self.tx.init(params), disc_params=disc_params,
-                      disc_opt_state=self.disc_tx.init(disc_params),
-                      pool_a=pool(source), pool_b=pool(target),
-                      pool_count=jnp.zeros((), jnp.int32))
+    return self.new_state(params, disc_params, state_class=CycleState, pool_a=pool(source),
+                          pool_b=pool(target), pool_count=jnp.zeros((), jnp.int32))
 
   def train_step(self, state: CycleState, batch, rng):
     rng_a, rng_b = jax.random.split(jax.random.fold_in(rng, state.step))
@@ -132,8 +129,8 @@ class CycleGAN(base.Translator):
     def g_loss(params):
       fake_b = self.generate(params["g"], real_a)
       fake_a = self.generate(params["f"], real_b, channels=channels)
-      adv = (generator_loss(self.gan_loss, self.judge(d["d_b"], fake_b))
-             + generator_loss(self.gan_loss, self.judge(d["d_a"], fake_a)))
+      adv = (gan.generator_loss(self.gan_loss, self.judge(d["d_b"], fake_b))
+             + gan.generator_loss(self.gan_loss, self.judge(d["d_a"], fake_a)))
       cycle = (jnp.mean(jnp.abs(self.generate(params["f"], fake_b, channels=channels) - real_a))
                + jnp.mean(jnp.abs(self.generate(params["g"], fake_a) - real_b)))
       identity = jnp.zeros(())
@@ -153,29 +150,13 @@ class CycleGAN(base.Translator):
       fake_b, pool_b, count = query_pool(pool_b, count, fake_b, rng_b)
 
     def d_loss(disc_params):
-      return (discriminator_loss(self.gan_loss, self.judge(disc_params["d_a"], real_a),
-                                 self.judge(disc_params["d_a"], fake_a))
-              + discriminator_loss(self.gan_loss, self.judge(disc_params["d_b"], real_b),
-                                   self.judge(disc_params["d_b"], fake_b)))
+      return (gan.discriminator_loss(self.gan_loss, self.judge(disc_params["d_a"], real_a),
+                                     self.judge(disc_params["d_a"], fake_a))
+              + gan.discriminator_loss(self.gan_loss, self.judge(disc_params["d_b"], real_b),
+                                       self.judge(disc_params["d_b"], fake_b)))
 
     disc_loss, d_grads = jax.value_and_grad(d_loss)(state.disc_params)
-    updates, opt_state = self.tx.update(g_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    d_updates, disc_opt_state = self.disc_tx.update(d_grads, state.disc_opt_state,
-                                                     state.disc_params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm((g_grads, d_grads)),
                "g_adv": adv, "cycle": cycle, "identity": identity, "d_loss": disc_loss}
-    return state.replace(
-        step=state.step + 1, params=params,
-        ema_params=base.ema_update(state.ema_params, params, self.config.train.ema_decay,
-                                   state.step),
-        opt_state=opt_state, disc_params=optax.apply_updates(state.disc_params, d_updates),
-        disc_opt_state=disc_opt_state, pool_a=pool_a, pool_b=pool_b,
-        pool_count=count), metrics
-
-  def inference_params(self, state):
-    return state.ema_params["g"]
-
-  def translate(self, params, source, rng=None, *, steps=None, samples=1):
-    pred = jnp.clip(self.generate(params, source), -1.0, 1.0)
-    return pred, jnp.zeros_like(pred)
+    return self.update(state, g_grads, d_grads, pool_a=pool_a, pool_b=pool_b,
+                       pool_count=count), metrics

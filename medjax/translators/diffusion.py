@@ -61,6 +61,14 @@ def sampling_timesteps(timesteps: int, steps: int) -> np.ndarray:
 class Diffusion(base.Translator):
   name = "diffusion"
   stochastic = True
+  options = {
+      "prediction": ("v", "what the network predicts: 'eps' | 'x0' | 'v' (Salimans & Ho)"),
+      "schedule": ("cosine", "noise schedule: 'linear' (Ho et al.) | 'cosine' (Nichol & "
+                             "Dhariwal)"),
+      "timesteps": (1000, "length T of the training chain"),
+      "sampler": ("ddim", "'ddpm' (ancestral) | 'ddim'"),
+      "eta": (0.0, "DDIM noise: 0 deterministic, 1 ancestral"),
+  }
 
   def __init__(self, config):
     super().__init__(config)
@@ -109,7 +117,7 @@ class Diffusion(base.Translator):
     return x0, eps
 
   def nfe(self, steps=None):
-    return steps or self.config.translator.steps
+    return steps or self.config.translator.sample_steps
 
   def sample(self, params, source, rng, steps: int, x_T=None):
     """One draw: walk the S-step sub-chain from noise (`x_T`, or drawn from `rng`) to x̂0."""

@@ -23,6 +23,8 @@ SAMPLERS = ("euler", "heun")
 class Flow(base.Translator):
   name = "flow"
   stochastic = True
+  options = {"sampler": ("euler", "ODE solver: 'euler' | 'heun' (2 NFE per step, last "
+                                  "step Euler)")}
 
   def __init__(self, config):
     super().__init__(config)
@@ -41,7 +43,7 @@ class Flow(base.Translator):
     return jnp.mean((velocity - (target - noise)) ** 2), {}
 
   def nfe(self, steps=None):
-    steps = steps or self.config.translator.steps
+    steps = steps or self.config.translator.sample_steps
     return steps if self.sampler == "euler" else 2 * steps - 1
 
   def sample(self, params, source, rng, steps: int):

@@ -1,0 +1,35 @@
+r"""Every method on the built-in phantom: T1w → T2w (the default experiment), → CT, …
+
+  medjax train --config experiments/phantom.py --workdir runs/phantom_flow
+  medjax train --config experiments/phantom.py:method=diffusion,target=ct --workdir runs/diffusion_ct
+  medjax train --config experiments/phantom.py:method=i2sb --workdir runs/phantom_i2sb
+  medjax train --config experiments/phantom.py:size=tiny --workdir runs/tiny   # seconds
+  medjax config experiments/phantom.py:method=pix2pix   # every key, its value and meaning
+
+Arguments (FILE.py:NAME=VALUE,…):
+  method  flow (default: conditional flow matching) | regression (L1) | diffusion (DDPM/DDIM,
+          v-prediction, cosine) | bridge (BBDM) | i2sb (I2SB's Schrödinger bridge) |
+          pix2pix | cyclegan (unpaired slices from disjoint subjects)
+  target  t2w (default) | ct (synthetic CT, scored in HU) | pd | flair
+  source  t1w (default) | t2w | pd | flair
+  size    small (default: 48×48×32 phantom at 3.3 mm, 32-channel U-Net, batch 16, 1000
+          steps: minutes on a 2-core CPU) | tiny (32×32×12 at 5 mm, 8 channels, 6 steps:
+          seconds, what the tests and notebooks in CI run) | base (160×160×96 at 1 mm,
+          64 channels, batch 32, 100k steps: an accelerator)
+"""
+
+from medjax import config as config_lib
+
+PHANTOM_IMAGES = ("t1w", "t2w", "pd", "flair", "ct")
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, method="flow", target="t2w", source="t1w", size="small")
+  config_lib.choose("target", arg.target, PHANTOM_IMAGES)
+  config_lib.choose("source", arg.source, PHANTOM_IMAGES)
+  config = config_lib.base_config()
+  config.data.source = (arg.source,)
+  config.data.target = arg.target
+  config_lib.apply_method(config, arg.method)
+  config_lib.apply_size(config, arg.size)
+  return config

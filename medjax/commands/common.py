@@ -1,0 +1,106 @@
+"""The grammar every `medjax` command shares (docs/design.md, "Command line").
+
+- Long flags are hyphenated (`--batch-size`); the underscore spelling (`--batch_size`) is
+  accepted everywhere as the same flag, and `--help` shows only the hyphenated one.
+- A flag means one thing in every command: `--X` names a file or a modality, `--X-dir` a
+  folder; `--train-steps` and `--sample-steps` never share a name; sizes and spacings are
+  written `160x160x96` and `1x1x2.5` (commas are read too).
+- A mistake is one line, `medjax <command>: error: …`, and exit status 2 (`medjax.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from medjax.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with one-line errors and underscore spellings of hyphenated flags."""
+
+  def __init__(self, *args, renamed: dict | None = None, **kwargs):
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    kwargs.setdefault("allow_abbrev", False)  # a flag is spelled out: no guessing
+    super().__init__(*args, **kwargs)
+    # Old flags whose meaning moved: {old: why and what to use}, refused with that hint.
+    self.renamed = dict(renamed or {})
+
+  def error(self, message: str):
+    raise UserError(f"{message} (see {self.prog} --help)")
+
+  def normalise(self, argv):
+    """`--batch_size=8` → `--batch-size=8`; `--config.key_name=…` overrides stay as they are."""
+    out = []
+    for arg in argv:
+      if arg.startswith("--") and not arg.startswith("--config."):
+        name, sep, value = arg.partition("=")
+        if name in self.renamed:
+          raise UserError(f"{name}: {self.renamed[name]}")
+        arg = name.replace("_", "-") + sep + value
+      out.append(arg)
+    return out
+
+  def parse_args(self, args=None, namespace=None):
+    return super().parse_args(self.normalise(args or []), namespace)
+
+  def parse_known_args(self, args=None, namespace=None):
+    return super().parse_known_args(self.normalise(args or []), namespace)
+
+
+def alias(parser, old: str, dest: str, **kwargs) -> None:
+  """An old spelling of a flag, still read, not shown in --help."""
+  parser.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+def numbers(kind, count: int):
+  """`160x160x96` / `160,160,96` (or one number, repeated) → a list of `count` values."""
+  def parse(text: str):
+    parts = [p for p in text.replace(",", "x").split("x") if p.strip()]
+    try:
+      values = [kind(p) for p in parts]
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r}: expected {count} numbers such as "
+                                       + "x".join(["160", "160", "96"][:count])) from None
+    if len(values) == 1:
+      values *= count
+    if len(values) != count or any(v <= 0 for v in values):
+      raise argparse.ArgumentTypeError(
+          f"{text!r}: expected {count} positive numbers written AxB{'xC' * (count > 2)}")
+    return values
+  parse.__name__ = f"{count} numbers"
+  return parse
+
+
+def modality_list(text: str) -> list[str]:
+  from medjax import modalities
+  try:
+    return [modalities.canonical(m) for m in text.split(",") if m.strip()]
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+  return value
+
+
+def split_overrides(extra: list[str], prog: str) -> list[str]:
+  """`--config.KEY=VALUE` or `--config.KEY VALUE` among unparsed args → ["KEY=VALUE", …]."""
+  overrides, i = [], 0
+  while i < len(extra):
+    arg = extra[i]
+    if not arg.startswith("--config."):
+      raise UserError(f"unrecognised argument {arg} (see {prog} --help)")
+    key, sep, value = arg[len("--config."):].partition("=")
+    if not sep:
+      if i + 1 >= len(extra):
+        raise UserError(f"{arg} needs a value: {arg}=VALUE")
+      value, i = extra[i + 1], i + 1
+    overrides.append(f"{key}={value}")
+    i += 1
+  return overrides

@@ -1,0 +1,88 @@
+"""`medjax score --pred-dir DIR --target-dir DIR --protocol P` (per-subject metrics)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from medjax.commands import common
+from medjax.errors import PartialFailure, UserError
+
+HELP = "metrics of predicted volumes against their targets, per subject"
+
+
+def add_arguments(parser) -> None:
+  from medjax import metrics
+  parser.description = (
+      "Match predictions to targets by subject and score each 3D volume with a protocol:\n"
+      "synthrad2023 / synthrad2025 (HU inside the mask) or mri ([0, 1] inside the mask).\n"
+      "Writes a per-subject CSV and a summary JSON beside it; --report adds a picture per\n"
+      "subject (axial, coronal, sagittal) and a Markdown page. Without masks, the target's\n"
+      "automatic body mask is scored.")
+  parser.epilog = ("example:\n  medjax score --pred-dir out/ --target-dir /data/new --layout "
+                   "synthrad2023 --protocol synthrad2023 --report out/report")
+  parser.add_argument("--pred-dir", required=True, help="folder of predicted volumes")
+  common.alias(parser, "--pred", "pred_dir")
+  parser.add_argument("--target-dir", required=True,
+                      help="folder of target volumes, or a dataset folder with --layout")
+  parser.add_argument("--mask-dir", help="folder of masks, named as the targets")
+  parser.add_argument("--protocol", required=True, choices=metrics.PROTOCOLS)
+  parser.add_argument("--layout", help="read --target-dir as a dataset (synthrad2023, phantom, …)")
+  parser.add_argument("--target", help="the target modality in a --layout dataset (default: ct "
+                      "for synthrad protocols, else what translate wrote)")
+  common.alias(parser, "--modality", "target")
+  parser.add_argument("--pred-scale", choices=("unit", "robust"), default="unit",
+                      help="mri: predictions already on [0, 1] (unit), or scale them by"
+                      " their own robust range like the targets (robust)")
+  parser.add_argument("--output", metavar="FILE.csv",
+                      help="per-subject CSV (default: PRED_DIR/scores.csv); the summary JSON "
+                           "goes beside it")
+  common.alias(parser, "--out", "output")
+  parser.add_argument("--report", metavar="DIR", help="also write a PNG per subject and "
+                      "report.md here")
+
+
+def _modality(args) -> str | None:
+  if args.target:
+    if Path(args.target).exists():
+      raise UserError(f"--target is the target modality (ct, t2w, …); the folder "
+                      f"{args.target} goes to --target-dir")
+    return args.target
+  from medjax import infer
+  index = Path(args.pred_dir) / infer.INDEX
+  if index.exists():
+    return json.loads(index.read_text()).get("target")
+  return "ct" if args.protocol.startswith("synthrad") else None
+
+
+def run(args) -> int:
+  from medjax import figures, score
+  modality = _modality(args)
+  if args.layout and not modality:
+    raise UserError("--layout needs --target (which modality of each subject is the target)")
+  cases = score.cases(args.pred_dir, args.target_dir, args.mask_dir, layout=args.layout,
+                      modality=modality)
+  if not cases:
+    raise UserError(f"no volumes in {args.pred_dir} or {args.target_dir}")
+  rows, failed = score.score_cases(cases, protocol=args.protocol, modality=modality,
+                                   pred_scale=args.pred_scale,
+                                   log=lambda line: print(line, file=sys.stderr))
+  if not rows:
+    raise UserError(f"no subject could be scored ({len(failed)} failed; first:"
+                    f" {next(iter(failed.values()))})")
+  result = score.summary(rows, failed, args.protocol)
+  out = Path(args.output or Path(args.pred_dir) / "scores.csv")
+  summary_path = score.write_results(out, rows, result)
+  print(score.format_table(rows, result))
+  print(f"{len(rows)} subject(s) scored ({args.protocol}) → {out}, {summary_path}"
+        + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+  if args.report:
+    page = figures.write_report(args.report, score.report_subjects(
+        cases, rows, protocol=args.protocol, modality=modality, pred_scale=args.pred_scale),
+        protocol=args.protocol)
+    print(f"report: {page}")
+  if failed:
+    raise PartialFailure(f"{len(failed)} subject(s) could not be scored: "
+                         f"{', '.join(failed)}", failed)
+  return 0

@@ -1,0 +1,97 @@
+"""`medjax translate --workdir RUN --input IN.nii.gz --output OUT.nii.gz` (or a folder)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from medjax.commands import common
+from medjax.errors import PartialFailure, UserError
+
+HELP = "NIfTI in → NIfTI out with a trained run (input geometry, HU for CT)"
+RENAMED = {"--steps": "sampling steps are --sample-steps (training steps are --train-steps)"}
+
+
+def add_arguments(parser) -> None:
+  parser.description = (
+      "Translate new volumes with a trained run: the run's own preprocessing is applied\n"
+      "and undone, so the output has the input's shape, affine, qform/sform and zooms;\n"
+      "CT in HU, MR targets on [0, 1]. Without --mask the body mask is found automatically.\n"
+      "The run's sampling settings (translator.sample_steps, .samples) are the defaults,\n"
+      "so a translated file matches what the run's evaluation scored.")
+  parser.epilog = ("examples:\n"
+                   "  medjax translate --workdir runs/mr_ct --input p1_mr.nii.gz --output p1_sct.nii.gz\n"
+                   "  medjax translate --workdir runs/mr_ct --input-dir /data/new --layout "
+                   "synthrad2023 --output-dir out/")
+  parser.add_argument("--workdir", required=True, help="the trained run directory")
+  parser.add_argument("--input", nargs="+", metavar="FILE",
+                      help="source file(s) of one subject, in the run's source order")
+  parser.add_argument("--output", metavar="FILE", help="output .nii or .nii.gz (with --input)")
+  parser.add_argument("--mask", metavar="FILE",
+                      help="body mask of --input (default: found automatically)")
+  parser.add_argument("--uncertainty", metavar="FILE",
+                      help="output .nii.gz for the per-voxel std of the draws (samples ≥ 2)")
+  parser.add_argument("--input-dir", help="a dataset folder: translate every subject")
+  parser.add_argument("--layout", help="the dataset layout of --input-dir (phantom, ixi, …)")
+  parser.add_argument("--output-dir", help="where OUT/<id>.nii.gz go (with --input-dir)")
+  parser.add_argument("--sample-steps", type=common.positive_int,
+                      help="sampling steps (default: the run's translator.sample_steps)")
+  parser.add_argument("--samples", type=common.positive_int,
+                      help="draws per slice; their mean is the output, their std the "
+                           "uncertainty (default: the run's translator.samples)")
+  parser.add_argument("--checkpoint", type=int, metavar="STEP",
+                      help="checkpoint step (default: the latest)")
+  parser.add_argument("--batch-size", type=common.positive_int,
+                      help="slices per batch (default: the run's eval.batch_size)")
+  parser.add_argument("--seed", type=int, help="seed of the draws (default: the run's seed)")
+
+
+def _check(args) -> None:
+  if bool(args.input) == bool(args.input_dir):
+    raise UserError("give either --input FILE [FILE ...] --output FILE, or --input-dir DIR"
+                    " --layout LAYOUT --output-dir DIR")
+  if args.input and not args.output:
+    raise UserError("--input needs --output FILE.nii.gz")
+  if args.input_dir and not (args.output_dir and args.layout):
+    raise UserError("--input-dir needs --layout LAYOUT and --output-dir DIR")
+  if args.uncertainty and args.samples is not None and args.samples < 2:
+    raise UserError("--uncertainty needs --samples 2 or more (the std of the draws)")
+  for path in args.input or ():
+    if not Path(path).is_file():
+      raise UserError(f"input {path} does not exist")
+  if args.mask and not Path(args.mask).is_file():
+    raise UserError(f"mask {args.mask} does not exist")
+  if args.input_dir and not Path(args.input_dir).is_dir():
+    raise UserError(f"input directory {args.input_dir} does not exist")
+
+
+def run(args) -> int:
+  _check(args)
+  from medjax import infer, parallel
+  from medjax.run import Run
+  parallel.enable_compilation_cache()
+  run = Run.load(args.workdir, step=args.checkpoint)
+  samples = args.samples or run.config.translator.samples
+  if samples > 1 and not run.translator.stochastic:
+    print(f"medjax translate: {run.translator.name} is deterministic: the std is zero",
+          file=sys.stderr)
+  if args.uncertainty and samples < 2:
+    raise UserError(f"--uncertainty needs 2 or more draws; the run samples {samples} "
+                    "(give --samples)")
+  options = dict(steps=args.sample_steps, samples=args.samples, batch_size=args.batch_size,
+                 seed=args.seed)
+  if args.input:
+    result = infer.translate_file(run, args.input, args.output, uncertainty=args.uncertainty,
+                                  mask=args.mask, **options)
+    infer.report_time(Path(args.input[0]).name, result)
+    return 0
+  done, failed = infer.translate_directory(run, args.input_dir, args.output_dir, args.layout,
+                                           **options)
+  print(f"translated {len(done)} subject(s) to {args.output_dir}"
+        + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+  if not done:
+    raise UserError(f"no subject of {args.input_dir} could be translated")
+  if failed:
+    raise PartialFailure(f"{len(failed)} of {len(done) + len(failed)} subjects failed "
+                         f"({', '.join(failed)}); the others are in {args.output_dir}", failed)
+  return 0

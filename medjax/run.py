@@ -1,0 +1,140 @@
+"""A trained run: the one object evaluate, translate, compare and the notebooks load.
+
+`Run.load(workdir)` reads `config.json`, the preprocessing recipe and the fitted
+intensity-mapping baseline that training saved beside it, and restores only the
+inference (EMA) parameters of a checkpoint, never the optimiser. Nothing of the training
+data is needed: a run can be evaluated on its held-out split and used for translation
+with its training shards gone (docs/design.md, "Run directory").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import jax
+
+from medjax import baseline as baseline_lib
+from medjax import checkpoint as checkpoint_lib
+from medjax import config as config_lib
+from medjax import files, metrics, parallel, translators
+from medjax.data import pipeline
+from medjax.data.preprocess import Recipe
+from medjax.errors import WorkdirError
+
+CONFIG = "config.json"
+RECIPE = "preprocessing.json"
+BASELINE = "baseline.json"
+
+
+def load_config(workdir):
+  path = Path(workdir) / CONFIG
+  if not path.is_file():
+    raise WorkdirError(f"{path} does not exist: is {workdir} a medjax run directory?")
+  try:
+    return config_lib.from_json(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise WorkdirError(f"{path}: not a readable config ({error})") from None
+
+
+def create_state(translator, config, mesh, recipe: Recipe):
+  """The abstract state (for restoring) and a jitted, sharded initialiser (big_vision).
+
+  Shapes come from the recipe's example record, so no data is read to build them.
+  """
+  record = recipe.example_record()
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape), v.dtype)
+           for k, v in record.items()}
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(translator.init, rng, batch)
+  sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+  init = jax.jit(translator.init, out_shardings=sharding)
+  abstract = checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
+  return abstract, lambda: init(rng, batch)
+
+
+def save_artefacts(workdir, recipe: Recipe, baseline) -> None:
+  """What a trained run needs besides its checkpoints (written once, by process 0)."""
+  if jax.process_index() == 0:
+    files.write_json(Path(workdir) / RECIPE, recipe.to_dict())
+    files.write_json(Path(workdir) / BASELINE, baseline.to_dict(), indent=None)
+
+
+@dataclasses.dataclass
+class Run:
+  """A run's config, recipe, baseline, translator and inference parameters."""
+  workdir: Path | None
+  config: object
+  recipe: Recipe
+  baseline: baseline_lib.IntensityMap
+  translator: object
+  params: object
+  step: int
+  mesh: object
+  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @classmethod
+  def load(cls, workdir, *, step: int | None = None, mesh=None) -> Run:
+    """The run in `workdir` at checkpoint `step` (the latest by default)."""
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    recipe_path, baseline_path = workdir / RECIPE, workdir / BASELINE
+    for path in (recipe_path, baseline_path):
+      if not path.is_file():
+        raise WorkdirError(f"{path} does not exist: {workdir} was not written by this medjax "
+                           "(train it again, or in a new --workdir)")
+    recipe = Recipe.from_dict(json.loads(recipe_path.read_text()))
+    baseline = baseline_lib.IntensityMap.from_dict(json.loads(baseline_path.read_text()))
+    mesh = mesh or parallel.make_mesh()
+    translator = translators.build(config)
+    abstract, _ = create_state(translator, config, mesh, recipe)
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+      params, step = checkpointer.restore_params(translator.inference_params(abstract),
+                                                 translator.inference_path, step)
+    finally:
+      checkpointer.close()
+    return cls(workdir, config, recipe, baseline, translator, params, int(step), mesh)
+
+  @classmethod
+  def fresh(cls, config, *, mesh=None, recipe: Recipe | None = None) -> Run:
+    """Freshly initialised parameters (timing, tests): the same object as a trained run."""
+    mesh = mesh or parallel.make_mesh()
+    recipe = recipe or pipeline.recipe(config)
+    translator = translators.build(config)
+    _, init = create_state(translator, config, mesh, recipe)
+    table = baseline_lib.IntensityMap(jax.numpy.linspace(-1, 1, 2).__array__(),
+                                      recipe.centre_channel)
+    return cls(None, config, recipe, table, translator,
+               translator.inference_params(init()), 0, mesh)
+
+  @property
+  def target(self) -> str:
+    return self.config.data.target
+
+  @property
+  def protocol(self) -> str:
+    return metrics.protocol_for(self.target)
+
+  def translate_fn(self, steps: int | None = None, samples: int | None = None):
+    """The jitted `translate` at these sampling settings (the run's own by default)."""
+    steps = steps or self.config.translator.sample_steps
+    samples = samples or self.config.translator.samples
+    key = (steps, samples)
+    if key not in self._compiled:
+      fn = functools.partial(self.translator.translate, steps=steps, samples=samples)
+      self._compiled[key] = jax.jit(
+          fn, in_shardings=(parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh),
+                            parallel.replicated(self.mesh)),
+          out_shardings=parallel.batch_sharding(self.mesh))
+    return self._compiled[key]
+
+  def eval_volumes(self, split: str):
+    """The held-out subjects of `split`: rendered (phantom) or that split's shards only."""
+    return pipeline.eval_volumes(self.config, split)
+
+  def directory(self, *parts) -> str:
+    return os.path.join(str(self.workdir), *map(str, parts))
