@@ -117,6 +117,8 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
     raise UserError(str(error)) from None
   if not subjects:
     raise UserError(f"no {layout} subjects under {input_dir}")
+  from medjax.data.prepare import refuse_shared_stems
+  refuse_shared_stems([s.id for s in subjects], f"{layout} subjects under {input_dir}")
   output_dir = Path(output_dir)
   sources = run.recipe.sources
   samples = options.get("samples") or run.config.translator.samples

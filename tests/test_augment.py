@@ -96,6 +96,23 @@ def test_jitter_changes_the_source_only():
     np.testing.assert_allclose(fit, first, atol=1e-3)
 
 
+def test_jitter_groups_share_one_gain_and_bias():
+  """2.5D: each modality's neighbouring slices (one group) move together, modalities apart."""
+  r = record(source_channels=6)
+  # Room for the gain: nothing inside clips; the background stays -1.
+  r["source"] = np.where(r["mask"] > 0, r["source"] * 0.5, -1.0).astype(np.float32)
+  out = augment.augment_record(r, np.random.default_rng(3), flip=False, rotate_deg=0,
+                               scale=0, jitter=0.3, jitter_group=3)
+  inside = r["mask"][..., 0] > 0
+  fits = [np.polyfit(r["source"][inside][:, c], out["source"][inside][:, c], 1)
+          for c in range(6)]
+  for c in (1, 2):
+    np.testing.assert_allclose(fits[c], fits[0], atol=1e-4)
+    np.testing.assert_allclose(fits[c + 3], fits[3], atol=1e-4)
+  assert np.abs(fits[0] - fits[3]).max() > 1e-3
+  np.testing.assert_array_equal(out["source"][~inside], -1.0)
+
+
 def test_deterministic_under_grain_random_map():
   items = [record() for _ in range(4)]
   ds = grain.MapDataset.source(items).random_map(augment.augment_record, seed=7)

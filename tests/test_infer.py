@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from medjax import cli, infer, parallel
-from medjax.data import phantom
+from medjax import baseline, cli, infer, parallel
+from medjax.data import phantom, preprocess
+from medjax.run import Run
 
 SPACING = (5.0, 5.0, 8.0)  # tiny_config's phantom grid: 32 × 32 × 12 voxels
 
@@ -102,8 +103,9 @@ class Identity:
 
 
 def identity_model(config):
-  mesh = parallel.make_mesh()
-  return infer.Model(config, Identity(), {}, mesh, infer.preprocessing(config), 0)
+  recipe = preprocess.Recipe.of_phantom(config)
+  table = baseline.IntensityMap(np.linspace(-1, 1, 4).astype(np.float32))
+  return Run(None, config, recipe, table, Identity(), {}, 0, parallel.make_mesh())
 
 
 def test_preprocessing_is_inverted_exactly_on_the_models_grid(tmp_path):
@@ -151,7 +153,7 @@ def test_preprocessing_is_inverted_through_resampling(tmp_path):
 def test_2p5d_context_channels_are_modality_major():
   source = np.arange(4)[:, None, None, None] + 10 * np.arange(2)[None, None, None, :]
   source = np.broadcast_to(source, (4, 3, 3, 2)).astype(np.float32)
-  stacked = infer.with_context(source, 1)
+  stacked = preprocess.with_context(source, 1)
   np.testing.assert_array_equal(stacked[0, 0, 0], [0, 0, 1, 10, 10, 11])
   np.testing.assert_array_equal(stacked[3, 0, 0], [2, 3, 3, 12, 13, 13])
 
@@ -168,6 +170,7 @@ def test_directory_mode_reports_a_bad_subject_and_does_the_rest(run, tmp_path, c
                    "--layout", "phantom", "--output-dir", str(out), "--samples", "2"]) == 1
   err = capsys.readouterr().err
   assert "broken" in err and "t1w.nii.gz" in err
+  assert err.strip().splitlines()[-1].startswith("medjax translate: error: 1 of 2 subjects")
   assert_same_geometry(root / "good" / "t1w.nii.gz", out / "good.nii.gz")
   assert_same_geometry(root / "good" / "t1w.nii.gz", out / "good_std.nii.gz")
   index = json.loads((out / infer.INDEX).read_text())
@@ -190,4 +193,5 @@ def test_bad_input_is_one_line_naming_it(run, tmp_path, capsys, case):
     argv[1] = str(tmp_path)
   assert cli.main(["medjax", "translate", *argv]) == 2
   err = capsys.readouterr().err.strip()
-  assert err.startswith("medjax: error:") and named in err and len(err.splitlines()) == 1
+  assert err.startswith("medjax translate: error:") and named in err
+  assert len(err.splitlines()) == 1

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_data import touch  # noqa: E402
 
+from medjax import modalities  # noqa: E402
 from medjax.data import layouts  # noqa: E402
 
 
@@ -121,9 +122,14 @@ def test_modality_names():
   for spellings, name in [(("t1", "T1n", "T1w"), "t1w"), (("t1ce", "t1c"), "t1c"),
                           (("t2", "T2w"), "t2w"), (("FLAIR", "t2f"), "flair"),
                           (("PD", "PDw"), "pd"), (("ct",), "ct"), (("cbct",), "cbct")]:
-    assert {layouts.canonical_modality(s) for s in spellings} == {name}
+    assert {modalities.canonical(s) for s in spellings} == {name}
+  assert modalities.canonical(" T1w ") == "t1w"  # a CSV header cell with spaces
   with pytest.raises(ValueError, match="unknown modality"):
-    layouts.canonical_modality("dwi")
+    modalities.canonical("dwi")
+  # CT and CBCT keep HU; every MR contrast does not.
+  assert [m for m in modalities.IMAGES if modalities.is_ct(m)] == ["ct", "cbct"]
+  assert modalities.as_tuple("t1w") == ("t1w",)
+  assert modalities.as_tuple(["t1w", "pd"]) == ("t1w", "pd")
 
 
 def test_errors_name_what_is_wrong(tmp_path):

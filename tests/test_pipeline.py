@@ -1,11 +1,21 @@
-"""The grain pipeline: resumable position, per-process shards, unpaired mode, phantom source."""
+"""The grain pipeline: resumable position, per-process shards, unpaired mode, phantom source,
+and the checks that a run's data is what its config asks for."""
+
+import shutil
+import sys
+from pathlib import Path
 
 import grain
 import numpy as np
+import pytest
 
-from medjax.data import intensity, phantom, pipeline
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_config  # noqa: E402
+from conftest_data import mr_volume, save  # noqa: E402
 
-from conftest import tiny_config
+from medjax.data import intensity, phantom, pipeline, prepare, shards  # noqa: E402
+from medjax.data.preprocess import Recipe  # noqa: E402
+from medjax.errors import ConfigError  # noqa: E402
 
 
 def test_phantom_slices_are_the_normalised_volume():
@@ -67,6 +77,7 @@ def test_processes_read_disjoint_shards():
 
 def test_unpaired_mode_draws_targets_from_other_subjects():
   config = tiny_config()
+  config.data.augment = False  # targets must stay the rendered slices to be recognised
   config.data.unpaired = True
   config.data.phantom.subjects = 10
   sources, targets = pipeline.unpaired_sources(config)
@@ -80,3 +91,67 @@ def test_unpaired_mode_draws_targets_from_other_subjects():
   hits = sum(any(np.array_equal(t, r) for r in reference.values()) for t in batch["target"])
   assert hits == len(batch["target"])
   assert set(batch["subject"].tolist()) <= source_subjects
+
+
+def test_a_phantom_run_recipe_is_the_phantom_grid():
+  config = tiny_config(target="ct")
+  recipe = pipeline.recipe(config)
+  assert recipe == Recipe(sources=("t1w",), targets=("ct",), spacing=(5.0, 5.0, 8.0),
+                          size=(32, 32), context=0, register=None, mask="phantom")
+  # What a model is initialised with has the shapes and dtypes of what it trains on.
+  example, record = recipe.example_record(), pipeline.PhantomSlices(config, [0])[4]
+  for key in ("source", "target", "mask", "subject", "slice"):
+    assert np.shape(example[key]) == np.shape(record[key]), key
+    assert np.asarray(example[key]).dtype == np.asarray(record[key]).dtype, key
+
+
+def test_held_out_phantom_volumes_and_empty_splits():
+  config = tiny_config()
+  split = pipeline.phantom_split(config)
+  assert split == {"train": [0, 1, 2], "val": [3], "test": [4]}
+  (volume,) = pipeline.eval_volumes(config, "test")
+  assert volume.subject == "phantom_004" and volume.source.shape == (12, 32, 32, 1)
+  pipeline.check_splits(config)
+  config.data.phantom.subjects = 2  # 2 subjects: no validation subject
+  with pytest.raises(ConfigError, match="val split"):
+    pipeline.check_splits(config)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  for s in range(3):
+    for modality in ("t1w", "t2w"):
+      save(root / f"s{s}" / f"{modality}.nii.gz", mr_volume(rng))
+  out = root / "shards"
+  prepare.prepare("phantom", root, out, ["t1w"], "t2w", size=24, fractions=(1, 1, 1),
+                  progress=False)
+  return out
+
+
+def shards_config(out, target="t2w"):
+  config = tiny_config(target=target)
+  config.data.kind, config.data.dir = "shards", str(out)
+  return config
+
+
+def test_shards_are_checked_against_the_config(prepared, tmp_path):
+  config = shards_config(prepared)
+  assert pipeline.recipe(config) == pipeline.check_shards(config) == shards.recipe(prepared)
+  assert pipeline.recipe(config).size == (24, 24)
+  source = pipeline.train_source(config)
+  manifest = shards.load_manifest(prepared)
+  assert len(source) == manifest["counts"]["slices"]["train"] > 0
+  assert [v.subject for v in pipeline.eval_volumes(config, "val")] == manifest["splits"]["val"]
+  pipeline.check_splits(config)
+  with pytest.raises(ConfigError, match=r"targets=\['t2w'\], the config asks \['pd'\]"):
+    pipeline.check_shards(shards_config(prepared, target="pd"))
+  with pytest.raises(ConfigError, match="run `medjax prepare` first"):
+    pipeline.recipe(shards_config(tmp_path))
+  held_out = tmp_path / "no_test"
+  shutil.copytree(prepared, held_out)
+  for path in shards.shard_paths(held_out, "test"):
+    path.unlink()
+  with pytest.raises(ConfigError, match="test split"):
+    pipeline.check_splits(shards_config(held_out))

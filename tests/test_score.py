@@ -57,10 +57,10 @@ def read_csv(path):
 def test_scores_every_subject_and_writes_csv_and_summary(folders, dataset, capsys):
   root, arrays = folders
   out = root / "results" / "scores.csv"
-  target = (["--target", str(root / "data"), "--layout", "synthrad2023"] if dataset
-            else ["--target", str(root / "target"), "--mask", str(root / "mask")])
-  assert cli.main(["medjax", "score", "--pred", str(root / "pred"), *target,
-                   "--protocol", "synthrad2023", "--out", str(out)]) == 0
+  target = (["--target-dir", str(root / "data"), "--layout", "synthrad2023"] if dataset
+            else ["--target-dir", str(root / "target"), "--mask-dir", str(root / "mask")])
+  assert cli.main(["medjax", "score", "--pred-dir", str(root / "pred"), *target,
+                   "--protocol", "synthrad2023", "--output", str(out)]) == 0
   rows = read_csv(out)
   assert [r["subject"] for r in rows] == ["s01", "s02", "s03"]
   for row in rows:
@@ -93,8 +93,8 @@ def test_mri_scores_targets_on_their_robust_unit_range(tmp_path):
   save(tmp_path / "pred" / "a.nii.gz", pred)
   save(tmp_path / "target" / "a.nii.gz", target)
   save(tmp_path / "mask" / "a.nii.gz", mask)
-  assert cli.main(["medjax", "score", "--pred", str(tmp_path / "pred"), "--target",
-                   str(tmp_path / "target"), "--mask", str(tmp_path / "mask"),
+  assert cli.main(["medjax", "score", "--pred-dir", str(tmp_path / "pred"), "--target-dir",
+                   str(tmp_path / "target"), "--mask-dir", str(tmp_path / "mask"),
                    "--protocol", "mri"]) == 0
   row, = read_csv(tmp_path / "pred" / "scores.csv")
   expected = metrics.score(pred.astype(np.float32), unit_target.astype(np.float32), mask,
@@ -109,11 +109,12 @@ def test_a_bad_subject_is_reported_and_the_others_scored(folders, capsys):
   save(root / "mask" / "s03.nii.gz", np.zeros_like(arrays["s03"][2]))  # an empty mask
   save(root / "pred" / "s04.nii.gz", arrays["s01"][0])  # a prediction without a target
   out = root / "scores.csv"
-  assert cli.main(["medjax", "score", "--pred", str(root / "pred"), "--target",
-                   str(root / "target"), "--mask", str(root / "mask"), "--protocol",
-                   "synthrad2023", "--out", str(out)]) == 1
-  err = capsys.readouterr().err
-  lines = {line.split(":")[1].strip(): line for line in err.strip().splitlines()}
+  assert cli.main(["medjax", "score", "--pred-dir", str(root / "pred"), "--target-dir",
+                   str(root / "target"), "--mask-dir", str(root / "mask"), "--protocol",
+                   "synthrad2023", "--output", str(out)]) == 1
+  *subject_lines, last = capsys.readouterr().err.strip().splitlines()
+  assert last.startswith("medjax score: error: 3 subject(s)")
+  lines = {line.split(":")[1].strip(): line for line in subject_lines}
   assert set(lines) == {"s02", "s03", "s04"}
   assert "s02.nii.gz" in lines["s02"] and "grid" in lines["s02"]
   assert "s03.nii.gz" in lines["s03"] and "empty mask" in lines["s03"]
@@ -125,16 +126,17 @@ def test_a_bad_subject_is_reported_and_the_others_scored(folders, capsys):
 
 def test_nothing_to_score_is_one_line(folders, capsys):
   root, _ = folders
-  assert cli.main(["medjax", "score", "--pred", str(root / "nowhere"), "--target",
+  assert cli.main(["medjax", "score", "--pred-dir", str(root / "nowhere"), "--target-dir",
                    str(root / "target"), "--protocol", "synthrad2023"]) == 2
   err = capsys.readouterr().err.strip()
-  assert err.startswith("medjax: error:") and "nowhere" in err and len(err.splitlines()) == 1
+  assert err.startswith("medjax score: error:") and "nowhere" in err
+  assert len(err.splitlines()) == 1
 
 
 def test_report_has_a_picture_per_subject_and_a_page_linking_them(folders):
   root, _ = folders
   report = root / "report"
-  assert cli.main(["medjax", "score", "--pred", str(root / "pred"), "--target",
+  assert cli.main(["medjax", "score", "--pred-dir", str(root / "pred"), "--target-dir",
                    str(root / "data"), "--layout", "synthrad2023", "--protocol",
                    "synthrad2023", "--report", str(report)]) == 0
   page = (report / "report.md").read_text()
@@ -146,17 +148,17 @@ def test_report_has_a_picture_per_subject_and_a_page_linking_them(folders):
 
 
 def test_evaluation_volumes_make_the_same_report(tmp_path):
-  """`medjax evaluate`'s (Z, H, W, C) volumes go through `report.from_evaluation`."""
-  from medjax import evaluate, report
-  from medjax.data.pipeline import Volume
+  """`medjax evaluate`'s (Z, H, W, C) volumes go through `figures.evaluation_subjects`."""
+  from medjax import evaluate, figures
+  from medjax.data.preprocess import Volume
   rng = np.random.default_rng(2)
   unit = lambda: rng.uniform(-1, 1, (6, 16, 12, 1)).astype(np.float32)
   volume = Volume("phantom_007", unit(), unit(), np.ones((6, 16, 12, 1), np.float32),
                   {"kind": "mr", "lo": 0.0, "hi": 1.0})
   prediction = evaluate.Prediction(unit(), np.abs(unit()))
   row = {"subject": "phantom_007", "model_mae": 0.1, "baseline_mae": 0.2}
-  subject, = report.from_evaluation([volume], [prediction], [row], "t2w")
+  subject, = figures.evaluation_subjects([volume], [prediction], [row], "t2w")
   assert subject.prediction.shape == (16, 12, 6) and subject.metrics == {"mae": 0.1}
   np.testing.assert_allclose(subject.target[:, :, 2], (volume.target[2, ..., 0] + 1) / 2)
-  page = report.write_report(tmp_path, [subject], protocol="mri")
+  page = figures.write_report(tmp_path, [subject], protocol="mri")
   assert "(phantom_007.png)" in open(page).read() and (tmp_path / "phantom_007.png").exists()

@@ -14,11 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import cli, train
+from medjax import cli, parallel, train
 
-from conftest import tiny_config
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import ROOT, tiny_config, tiny_spec
 
 
 def write_experiment(tmp_path, config) -> str:
@@ -48,7 +46,8 @@ def flow_run(tmp_path_factory):
 def test_run_directory(flow_run):
   workdir, summary = flow_run
   files = set(os.listdir(workdir))
-  assert {"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "images", "eval"} <= files
+  assert {"config.json", "preprocessing.json", "baseline.json", "checkpoints", "metrics.jsonl",
+          "tensorboard", "images", "eval"} <= files
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   written = json.load(open(os.path.join(workdir, "eval", "6", "summary.json")))
   assert written == json.loads(json.dumps(summary))
@@ -62,6 +61,10 @@ def test_run_directory(flow_run):
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   png = os.path.join(workdir, "images", "val_000006.png")
   assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  report = os.path.join(workdir, "eval", "6", "report")
+  assert "report.md" in os.listdir(report) and any(f.endswith(".png") for f in os.listdir(report))
+  # Nothing half-written survives: every temporary was renamed or removed.
+  assert not [p for p in pathlib.Path(workdir).rglob(".tmp-*")]
 
 
 def test_evaluate_command_scores_test_subjects(flow_run, capsys):
@@ -72,9 +75,10 @@ def test_evaluate_command_scores_test_subjects(flow_run, capsys):
   assert "held-out test" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   config = tiny_config("flow")
-  config.train.steps = 6
+  config.train.total_steps = 6
   config.checkpoint.every = 2
   config.eval.every = 2  # evaluation after each checkpoint gives the kill a window mid-run
   straight = str(tmp_path / "straight")
@@ -100,33 +104,32 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_same_losses_on_one_and_eight_devices():
+  """The trainer's own jitted step (`make_train_step`) on a 1- and an 8-device mesh."""
   script = textwrap.dedent("""
       import json, sys
-      import jax, numpy as np
+      import jax
       sys.path.insert(0, "tests")
       from conftest import tiny_config
       from medjax import parallel, translators
       from medjax.data import pipeline
-      from medjax.train import create_state
+      from medjax.run import create_state
+      from medjax.train import make_train_step
       assert jax.device_count() == 8
       config = tiny_config("flow")
       losses = {}
       for devices in (1, 8):
         mesh = parallel.make_mesh(devices)
         translator = translators.build(config)
-        source = pipeline.train_source(config)
         data = iter(pipeline.train_dataset(config))
-        abstract, init = create_state(translator, config, mesh, source)
-        state = init()
-        rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-        shard = jax.tree.map(lambda _: rep, abstract)
-        step = jax.jit(translator.train_step, in_shardings=(shard, bat, rep),
-                       out_shardings=(shard, rep), donate_argnums=(0,))
-        rng = jax.random.PRNGKey(1)
+        abstract, init = create_state(translator, config, mesh, pipeline.recipe(config))
+        state, step = init(), make_train_step(translator, mesh, abstract)
+        rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
         out = []
         for _ in range(5):
-          state, metrics = step(state, parallel.global_batch(next(data), mesh), rng)
+          with jax.transfer_guard("disallow"):
+            state, metrics = step(state, parallel.global_batch(next(data), mesh), rng)
           out.append(float(metrics["loss"]))
         losses[devices] = out
       print(json.dumps(losses))
@@ -140,6 +143,14 @@ def test_same_losses_on_one_and_eight_devices():
   np.testing.assert_allclose(eight, one, rtol=1e-4)
 
 
+def test_the_step_refuses_implicit_transfers(tmp_path, monkeypatch):
+  """The loop runs the step under jax.transfer_guard('disallow'): a batch left on the host
+  (here: global_batch skipped) is an error, not a silent copy every step."""
+  monkeypatch.setattr(parallel, "global_batch", lambda local, mesh: local)
+  with pytest.raises(Exception, match="(?i)disallowed host-to-device transfer"):
+    train.train_and_evaluate(tiny_config("regression"), str(tmp_path / "guarded"))
+
+
 def run_cli(args, capsys):
   code = cli.main(["medjax", *args])
   err = capsys.readouterr().err.strip()
@@ -147,9 +158,9 @@ def run_cli(args, capsys):
 
 
 def test_unknown_config_key_is_one_clear_line(tmp_path, capsys):
-  code, err = run_cli(["train", "--config", str(ROOT / "experiments/phantom_flow.py"),
+  code, err = run_cli(["train", "--config", str(ROOT / "experiments/phantom.py"),
                        "--workdir", str(tmp_path / "w"), "--config.train.stepz=3"], capsys)
-  assert code == 2 and err.startswith("medjax: error:") and "stepz" in err
+  assert code == 2 and err.startswith("medjax train: error:") and "stepz" in err
   assert len(err.splitlines()) == 1
   assert not (tmp_path / "w").exists()
 
@@ -173,13 +184,12 @@ def test_workdir_of_another_experiment_is_refused(flow_run, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
-  config = tiny_config("regression")
-  config.train.learning_rate = 1e38
-  config.train.grad_clip = 1e38
   workdir = tmp_path / "nan"
-  code, err = run_cli(["train", "--config", write_experiment(tmp_path, config),
-                       "--workdir", str(workdir)], capsys)
-  assert code == 2 and "non-finite" in err and len(err.splitlines()) == 1
+  code, err = run_cli(["train", "--config", tiny_spec("regression"), "--workdir", str(workdir),
+                       "--config.train.learning_rate=1e38", "--config.train.grad_clip=1e38"],
+                      capsys)
+  assert code == 1 and "non-finite" in err and len(err.splitlines()) == 1
+  assert err.startswith("medjax train: error:")
   # Nothing from the diverged steps was checkpointed.
   checkpoints = workdir / "checkpoints"
   assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.name.isdigit()]

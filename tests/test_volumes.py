@@ -1,4 +1,5 @@
-"""Loading, reorientation, resampling and masks, against nibabel/numpy computed apart."""
+"""Loading, reorientation, resampling, masks and the preprocessing path, against
+nibabel/numpy computed apart."""
 
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_data import SHAPE, affine, body, corrupt_gzip, mr_volume, save, truncate  # noqa: E402
 
-from medjax.data import layouts, volumes  # noqa: E402
+from medjax.data import layouts, mask, volumes  # noqa: E402
+from medjax.errors import UserError  # noqa: E402
+from medjax.data.preprocess import Recipe, preprocess, to_original, with_context  # noqa: E402
 
 
 @pytest.fixture
@@ -40,7 +43,9 @@ def test_load_names_damaged_files(tmp_path, rng, damage, reason):
   damage(path)
   with pytest.raises(volumes.VolumeError, match=reason) as error:
     volumes.load(path)
-  assert "ct.nii.gz" in str(error.value)
+  # The whole path, then the reason; a user error (exit status 2), not a crash.
+  assert str(error.value).startswith(f"{path}: {reason}")
+  assert isinstance(error.value, UserError) and error.value.exit_status == 2
 
 
 def test_load_refuses_4d_and_nan(tmp_path, rng):
@@ -101,7 +106,7 @@ def test_body_mask_keeps_the_largest_component_and_fills_holes(rng):
   image = np.where(truth, 100.0 + 30 * rng.random(SHAPE), 0.0)
   image[10:14, 10:14, 5:7] = 0.0  # a dark cavity inside
   image[0:2, 0:2, 0:2] = 150.0  # a bright speck outside
-  np.testing.assert_array_equal(volumes.body_mask(image), truth)
+  np.testing.assert_array_equal(mask.body_mask(image), truth)
 
 
 def write_subject(folder, rng, *, t2_affine=None, t2_shape=SHAPE):
@@ -114,9 +119,9 @@ def write_subject(folder, rng, *, t2_affine=None, t2_shape=SHAPE):
     xyz = a[:3, :3] @ ijk + a[:3, 3:]
     return field(xyz).reshape(shape).astype(np.float32)
 
-  mask = body()
-  save(folder / "t1w.nii.gz", sample(t1_affine, SHAPE) * mask, t1_affine)
-  save(folder / "mask.nii.gz", mask, t1_affine, np.uint8)
+  head = body()
+  save(folder / "t1w.nii.gz", sample(t1_affine, SHAPE) * head, t1_affine)
+  save(folder / "mask.nii.gz", head, t1_affine, np.uint8)
   t2_affine = t1_affine if t2_affine is None else t2_affine
   save(folder / "t2w.nii.gz", sample(t2_affine, t2_shape), t2_affine)
   return layouts.find_subjects("phantom", folder.parent)[0], sample, t1_affine
@@ -127,8 +132,8 @@ def test_off_grid_modality_lands_where_its_affine_says(tmp_path, rng):
   t2_affine[:3, 3] += (1.0, -2.0, 0.5)
   subject, sample, _ = write_subject(tmp_path / "s0", rng, t2_affine=t2_affine,
                                      t2_shape=(36, 36, 18))
-  prepared = volumes.preprocess_subject(subject, ["t1w"], "t2w", spacing=(1.5, 1.5, 2.0),
-                                        size=(24, 24))
+  recipe = Recipe(sources=["t1w"], targets=["t2w"], spacing=(1.5, 1.5, 2.0), size=(24, 24))
+  prepared = preprocess(subject.files, recipe, subject_id=subject.id)
   assert prepared.geometry["off_grid"] == ["t2w"]
   # Independent: the field sampled directly on the prepared grid, normalised the same way.
   g = prepared.geometry
@@ -147,9 +152,9 @@ def test_off_grid_modality_lands_where_its_affine_says(tmp_path, rng):
 
 def test_prepared_volume_returns_to_the_original_grid(tmp_path, rng):
   subject, _, t1_affine = write_subject(tmp_path / "s0", rng)
-  prepared = volumes.preprocess_subject(subject, ["t1w"], "t2w", spacing=(1.0, 1.0, 2.0),
-                                        size=(28, 20))
-  back = volumes.to_original(prepared.target, prepared.geometry)
+  recipe = Recipe(sources=["t1w"], targets=["t2w"], spacing=(1.0, 1.0, 2.0), size=(28, 20))
+  prepared = preprocess(subject.files, recipe, subject_id=subject.id)
+  back = to_original(prepared.target, prepared.geometry)
   original = nib.load(subject.files["t2w"]).get_fdata()
   params = prepared.normalisation["t2w"]
   unit = np.clip(2 * (original - params["lo"]) / (params["hi"] - params["lo"]) - 1, -1, 1)
@@ -191,8 +196,69 @@ def test_register_rigid_corrects_a_wrong_header(tmp_path, rng):
   wrong[:3, :3], wrong[:3, 3] = affine(angle_deg=6)[:3, :3], (1.5, -1.0, 0.0)
   save(tmp_path / "s" / "t1w.nii.gz", image, wrong @ a)  # same voxels, header off
   subject = layouts.find_subjects("phantom", tmp_path)[0]
-  plain = volumes.preprocess_subject(subject, ["t2w"], "t1w", size=(32, 32))
-  fixed = volumes.preprocess_subject(subject, ["t2w"], "t1w", size=(32, 32), register="rigid")
+  plain = preprocess(subject.files, Recipe(sources=["t2w"], targets=["t1w"], size=(32, 32)))
+  fixed = preprocess(subject.files, Recipe(sources=["t2w"], targets=["t1w"], size=(32, 32),
+                                           register="rigid"))
   assert fixed.geometry["registered"] == ["t1w"] and plain.geometry["registered"] == []
   error = lambda p: np.abs(p.target - p.source)[p.mask[..., 0] > 0].mean()  # noqa: E731
   assert error(fixed) < 0.3 * error(plain)
+
+
+def test_with_context_stacks_clamped_neighbours_modality_major(rng):
+  source = rng.random((5, 3, 4, 2)).astype(np.float32)  # (Z, H, W, modalities)
+  stacked = with_context(source, 2)
+  assert stacked.shape == (5, 3, 4, 10)
+  for z in range(5):
+    channel = 0
+    for m in range(2):
+      for offset in range(-2, 3):
+        near = min(max(z + offset, 0), 4)  # the volume's end slices repeat
+        np.testing.assert_array_equal(stacked[z, ..., channel], source[near, ..., m])
+        channel += 1
+  assert with_context(source, 0) is source
+
+
+def test_translating_reads_only_the_sources(tmp_path, rng):
+  """`targets=False` (what `medjax translate` runs) never opens the target file."""
+  subject, _, _ = write_subject(tmp_path / "s0", rng)
+  recipe = Recipe(sources=["t1w"], targets=["t2w"], spacing=(1.0, 1.0, 2.0), size=(24, 24))
+  paired = preprocess(subject.files, recipe, subject_id="s0")
+  corrupt_gzip(subject.files["t2w"])
+  with pytest.raises(volumes.VolumeError, match="t2w.nii.gz: corrupt gzip"):
+    preprocess(subject.files, recipe, subject_id="s0")
+  alone = preprocess({"t1w": subject.files["t1w"], "mask": subject.files["mask"]}, recipe,
+                     targets=False)
+  assert alone.target is None and set(alone.normalisation) == {"t1w"}
+  np.testing.assert_array_equal(alone.source, paired.source)
+  np.testing.assert_array_equal(alone.mask, paired.mask)
+  with pytest.raises(volumes.VolumeError, match="missing modality t2w"):
+    preprocess({"t1w": subject.files["t1w"]}, recipe, subject_id="s0")
+
+
+def test_an_empty_mask_file_is_named(tmp_path, rng):
+  subject, _, t1_affine = write_subject(tmp_path / "s0", rng)
+  save(subject.files["mask"], np.zeros(SHAPE), t1_affine, np.uint8)
+  recipe = Recipe(sources=["t1w"], targets=["t2w"], size=(24, 24))
+  with pytest.raises(volumes.VolumeError, match="mask.nii.gz: empty body mask"):
+    preprocess(subject.files, recipe)
+
+
+def test_save_like_keeps_the_reference_header(tmp_path, rng):
+  a = affine(spacing=(0.9, 1.1, 2.0), angle_deg=15, flips=(-1, 1, 1))
+  reference = nib.Nifti1Image(mr_volume(rng).astype(np.int16), a)
+  reference.set_qform(a, code=1)  # scanner
+  reference.set_sform(a, code=2)  # aligned
+  reference.header.set_xyzt_units("mm", "sec")
+  nib.save(reference, tmp_path / "ref.nii.gz")
+  volume = rng.random(SHAPE).astype(np.float32)
+  volumes.save_like(volume, tmp_path / "ref.nii.gz", tmp_path / "out" / "pred.nii.gz")
+  written = nib.load(tmp_path / "out" / "pred.nii.gz")
+  np.testing.assert_array_equal(np.asarray(written.dataobj), volume)
+  assert written.get_data_dtype() == np.float32
+  np.testing.assert_allclose(written.affine, a, atol=1e-5)
+  assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+  np.testing.assert_allclose(written.header.get_zooms(), (0.9, 1.1, 2.0), rtol=1e-6)
+  assert written.header.get_xyzt_units() == ("mm", "sec")
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pred.nii.gz"]
+  with pytest.raises(UserError, match="pred.mha: output must be a .nii"):
+    volumes.save_like(volume, tmp_path / "ref.nii.gz", tmp_path / "out" / "pred.mha")

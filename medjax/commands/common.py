@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from medjax.errors import UserError
 
@@ -52,10 +53,12 @@ def alias(parser, old: str, dest: str, **kwargs) -> None:
   parser.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)
 
 
-def numbers(kind, count: int):
-  """`160x160x96` / `160,160,96` (or one number, repeated) → a list of `count` values."""
+def numbers(kind, count: int, *, zero: bool = False):
+  """`160x160x96` / `160,160,96` (or one number, repeated) → a list of `count` finite
+  values, positive (or, with `zero`, non-negative with a positive sum)."""
   def parse(text: str):
-    parts = [p for p in text.replace(",", "x").split("x") if p.strip()]
+    parts = [p for p in text.lower().replace("×", "x").replace(",", "x").split("x")
+             if p.strip()]
     try:
       values = [kind(p) for p in parts]
     except ValueError:
@@ -63,9 +66,13 @@ def numbers(kind, count: int):
                                        + "x".join(["160", "160", "96"][:count])) from None
     if len(values) == 1:
       values *= count
-    if len(values) != count or any(v <= 0 for v in values):
+    finite = all(math.isfinite(v) for v in values)
+    ok = (all(v >= 0 for v in values) and sum(values) > 0) if zero else all(
+        v > 0 for v in values)
+    if len(values) != count or not finite or not ok:
       raise argparse.ArgumentTypeError(
-          f"{text!r}: expected {count} positive numbers written AxB{'xC' * (count > 2)}")
+          f"{text!r}: expected {count} {'non-negative' if zero else 'positive'} numbers "
+          f"written AxB{'xC' * (count > 2)}")
     return values
   parse.__name__ = f"{count} numbers"
   return parse

@@ -39,7 +39,8 @@ def add_arguments(parser) -> None:
                            "256 at 1 mm covers 25.6 cm)")
   parser.add_argument("--context", type=int, default=0,
                       help="2.5D: neighbouring slices each side as extra source channels")
-  parser.add_argument("--fractions", type=common.numbers(float, 3), default=[0.8, 0.1, 0.1],
+  parser.add_argument("--fractions", type=common.numbers(float, 3, zero=True),
+                      default=[0.8, 0.1, 0.1],
                       help="train,val,test shares of the subjects (default 0.8,0.1,0.1)")
   parser.add_argument("--seed", type=int, default=0, help="seed of the subject split")
   parser.add_argument("--workers", type=common.positive_int, default=1,

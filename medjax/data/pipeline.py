@@ -14,6 +14,7 @@ shards written by `medjax prepare` (`medjax.data.shards.ShardSlices`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import grain
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 
 from medjax import modalities
-from medjax.data import intensity, phantom
+from medjax.data import augment, intensity, phantom
 from medjax.data.preprocess import Recipe, Volume
 from medjax.errors import ConfigError
 
@@ -134,9 +135,8 @@ def eval_volumes(config, split: str) -> list[Volume]:
   return shards.split_volumes(config.data.dir, split)
 
 
-def _augment(record, rng):
-  from medjax.data import augment
-  return augment.augment_record(record, rng)
+def _augment(record, rng, jitter_group=None):
+  return augment.augment_record(record, rng, jitter_group=jitter_group)
 
 
 def _shuffled(source, seed: int) -> grain.MapDataset:
@@ -152,11 +152,13 @@ def _unpair(pair):
 
 def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
                  process_index: int | None = None, process_count: int | None = None,
-                 workers: int = 0, target_source=None) -> grain.IterDataset:
+                 workers: int = 0, target_source=None,
+                 jitter_group: int | None = None) -> grain.IterDataset:
   """Batches of `batch_size` records (this process's share of the global batch).
 
   With `target_source`, the pipeline is unpaired: targets come from it in an
-  independent permutation while sources come from `source`.
+  independent permutation while sources come from `source`. `jitter_group`: source
+  channels per modality (2.5D neighbours share one intensity jitter).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -165,7 +167,8 @@ def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
     targets = _shuffled(target_source, seed + 7919)
     ds = grain.experimental.ZipMapDataset([ds, targets]).map(_unpair)
   if augment:
-    ds = ds.random_map(_augment, seed=seed + 1)  # seeded by global position: same on any P
+    # Seeded by global position: the same on any number of processes.
+    ds = ds.random_map(functools.partial(_augment, jitter_group=jitter_group), seed=seed + 1)
   # Global batch g is local batches g·P … g·P+P-1 of the one global stream; process i keeps
   # the i-th, which is the rows `make_array_from_process_local_data` expects of it. The
   # maps above are lazy, so a process never reads or augments the other processes' rows.
@@ -189,7 +192,8 @@ def train_dataset(config) -> grain.IterDataset:
     source, target_source = unpaired_sources(config)
   return make_dataset(source, seed=config.seed, batch_size=global_batch // jax.process_count(),
                       augment=config.data.augment, workers=config.data.workers,
-                      target_source=target_source)
+                      target_source=target_source,
+                      jitter_group=2 * recipe(config).context + 1)
 
 
 def unpaired_sources(config):

@@ -26,7 +26,7 @@ from medjax import files, modalities
 from medjax.data import layouts, records
 from medjax.data.preprocess import Recipe, preprocess
 from medjax.data.volumes import VolumeError
-from medjax.errors import UserError
+from medjax.errors import PartialFailure, UserError
 
 SPLITS = ("train", "val", "test")
 WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: random access, one record per read
@@ -59,6 +59,17 @@ def split_subjects(keys, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict[str, 
   bounds = np.concatenate([[0], np.cumsum(counts)])
   return {name: sorted(keys[j] for j in order[bounds[i]:bounds[i + 1]])
           for i, name in enumerate(SPLITS)}
+
+
+def refuse_shared_stems(ids, where: str) -> None:
+  """Two subject ids that become one file name would overwrite each other's files."""
+  seen = {}
+  for subject_id in ids:
+    stem = files.safe_stem(subject_id)
+    if stem in seen:
+      raise PrepareError(f"{where}: subjects {seen[stem]!r} and {subject_id!r} would both be "
+                         f"written as {stem!r}; rename one of them")
+    seen[stem] = subject_id
 
 
 def shard_path(out, split: str, subject_id: str) -> Path:
@@ -198,6 +209,7 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
       raise PrepareError(f"the subjects under {root} changed since {out} was started;"
                          " use a new --output-dir")
 
+  refuse_shared_stems(ids, f"subjects under {root}")
   by_key = split_subjects([s.split_key for s in subjects], settings["fractions"], seed)
   split_of_key = {k: name for name, keys in by_key.items() for k in keys}
   planned = {s.id: split_of_key[s.split_key] for s in subjects}
@@ -207,6 +219,7 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
   for name in SPLITS:
     (out / name).mkdir(parents=True, exist_ok=True)
     files.remove_stale(out / name)  # left by an interrupted run
+  files.remove_stale(out)
   files.write_json(manifest_path, manifest, indent=1)
 
   done, skipped, tasks = {}, [], []
@@ -256,8 +269,9 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
   files.write_json(manifest_path, manifest, indent=1)
   _report(manifest, progress)
   if strict and skipped:
-    raise PrepareError(f"{len(skipped)} subject(s) skipped under --strict: "
-                       + "; ".join(f"{s['subject']}: {s['reason']}" for s in skipped))
+    raise PartialFailure(f"{len(skipped)} subject(s) skipped under --strict: "
+                         + "; ".join(f"{s['subject']}: {s['reason']}" for s in skipped),
+                         {s["subject"]: s["reason"] for s in skipped})
   return manifest
 
 

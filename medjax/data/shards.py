@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medjax import files
 from medjax.data import records
 from medjax.data.prepare import MANIFEST, SHARD_SUFFIX, SPLITS
 from medjax.data.preprocess import Recipe, Volume
@@ -40,7 +41,9 @@ def recipe(directory) -> Recipe:
 def shard_paths(directory, split: str) -> list[Path]:
   if split not in SPLITS:
     raise UserError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
-  return sorted((Path(directory) / split).glob("*" + SHARD_SUFFIX))
+  # pathlib's glob matches hidden names too: a killed writer's temporary is not a shard.
+  return sorted(p for p in (Path(directory) / split).glob("*" + SHARD_SUFFIX)
+                if not p.name.startswith(files.TMP_PREFIX))
 
 
 class ShardSlices:
