@@ -2,7 +2,6 @@
 
 import csv
 import os
-import pathlib
 import re
 import signal
 import subprocess
@@ -11,12 +10,11 @@ import time
 
 import pytest
 
-from medjax import sweep
+from medjax import cli, sweep
+from medjax.sweep import devices, grid, runner
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from test_train import write_experiment
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_product_and_zip_build_the_grid():
@@ -35,53 +33,50 @@ def test_product_and_zip_build_the_grid():
 
 
 def test_point_names_are_readable_unique_and_safe():
-  assert sweep.point_names([{"train.learning_rate": 0.001, "seed": 1}]) == ["lr0.001_seed1"]
-  assert sweep.point_names([{"data.phantom.shape": (32, 32, 12), "translator.name": "flow"}]) \
+  assert grid.point_names([{"train.learning_rate": 0.001, "seed": 1}]) == ["lr0.001_seed1"]
+  assert grid.point_names([{"data.phantom.shape": (32, 32, 12), "translator.name": "flow"}]) \
       == ["shape32x32x12_nameflow"]
   # Two keys with the same last part: the whole dotted keys keep the points apart.
   clash = [{"seed": 0, "data.phantom.seed": 1}, {"seed": 1, "data.phantom.seed": 0}]
-  names = sweep.point_names(clash)
+  names = grid.point_names(clash)
   assert names == ["seed0_data-phantom-seed1", "seed1_data-phantom-seed0"]
-  assert all(re.fullmatch(r"[A-Za-z0-9._+=-]+", n) for n in sweep.point_names(
+  assert all(re.fullmatch(r"[A-Za-z0-9._+=-]+", n) for n in grid.point_names(
       [{"translator.name": "a/b c"}]))
 
 
-def test_overrides_are_what_config_flags_parses(monkeypatch):
+def test_overrides_are_what_the_trainer_parses():
   """The flags the sweep passes turn the experiment file into the swept config."""
-  from absl import flags
-  from ml_collections import config_flags
+  from medjax import config as config_lib
   point = {"train.learning_rate": 3e-4, "data.phantom.shape": (16, 16, 8),
-           "translator.name": "regression", "data.augment": False}
-  argv = ["train", "--config", str(ROOT / "experiments/phantom_flow.py"),
-          *sweep.override_flags(point)]
-  monkeypatch.setattr(sys, "argv", argv)  # config_flags finds the overrides in sys.argv
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
-  flag_values(argv)
-  config = flag_values.config
+           "translator.name": "regression", "data.augment": False,
+           "train.weight_decay": 1.2345678901234e-5}
+  overrides = [flag[len("--config."):] for flag in grid.override_flags(point)]
+  config = config_lib.load(str(ROOT / "experiments/phantom.py"), overrides)
   assert config.train.learning_rate == 3e-4 and config.translator.name == "regression"
   assert tuple(config.data.phantom.shape) == (16, 16, 8) and config.data.augment is False
+  assert config.train.weight_decay == 1.2345678901234e-5  # every digit survives
 
 
 def test_unknown_key_and_bad_sweep_files(tmp_path, capsys):
   bad = tmp_path / "bad.py"
   bad.write_text("from medjax.sweep import sweep\n"
                  "def get_sweep():\n  return sweep('train.lerning_rate', [1e-3])\n")
-  code = sweep.main(["--config", str(ROOT / "experiments/phantom_flow.py"), "--sweep", str(bad),
-                     "--workdir", str(tmp_path / "w")])
-  assert code == 2 and "train.lerning_rate" in capsys.readouterr().err
+  code = cli.main(["medjax", "sweep", "--config", str(ROOT / "experiments/phantom.py"),
+                   "--sweep", str(bad), "--workdir", str(tmp_path / "w")])
+  err = capsys.readouterr().err
+  assert code == 2 and "lerning_rate" in err and err.startswith("medjax sweep: error:")
   uneven = tmp_path / "uneven.py"
   uneven.write_text("def get_sweep():\n  return [{'seed': 0}, {'train.steps': 3}]\n")
   with pytest.raises(sweep.SweepError, match="different keys"):
-    sweep.load_sweep(str(uneven))
+    grid.load_sweep(str(uneven))
 
 
 def test_slot_environment_pins_each_point():
-  assert sweep.slot_env("gpu", ["0", "1", "2", "3"], 1, 2) == {"CUDA_VISIBLE_DEVICES": "2,3"}
-  tpu = sweep.slot_env("tpu", ["0", "1", "2", "3"], 3, 1)
+  assert devices.slot_env("gpu", ["0", "1", "2", "3"], 1, 2) == {"CUDA_VISIBLE_DEVICES": "2,3"}
+  tpu = devices.slot_env("tpu", ["0", "1", "2", "3"], 3, 1)
   assert tpu["TPU_VISIBLE_CHIPS"] == "3" and tpu["TPU_PROCESS_BOUNDS"] == "1,1,1"
-  assert sweep.slot_env("cpu", [], 0, 1) == {}
-  assert "--xla_force_host_platform_device_count=4" in sweep.slot_env("cpu", [], 0, 4)["XLA_FLAGS"]
+  assert devices.slot_env("cpu", [], 0, 1) == {}
+  assert "--xla_force_host_platform_device_count=4" in devices.slot_env("cpu", [], 0, 4)["XLA_FLAGS"]
 
 
 SWEEP_FILE = """
@@ -91,14 +86,15 @@ def get_sweep():
 """
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_only_unfinished_points(tmp_path):
   config = tiny_config("regression")  # deterministic and cheap to evaluate
-  config.train.steps = config.checkpoint.every = config.eval.every = 2
+  config.train.total_steps = config.checkpoint.every = config.eval.every = 2
   experiment = write_experiment(tmp_path, config)
   sweep_file = tmp_path / "grid.py"
   sweep_file.write_text(SWEEP_FILE)
   root = tmp_path / "sweep"
-  command = [sys.executable, "-m", "medjax.sweep", "--config", experiment,
+  command = [sys.executable, "-m", "medjax.cli", "sweep", "--config", experiment,
              "--sweep", str(sweep_file), "--workdir", str(root), "--parallel", "2"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   names = ["lr0.001_seed0", "lr0.001_seed1", "lr0.003_seed0", "lr0.003_seed1"]
@@ -113,7 +109,7 @@ def test_killed_sweep_resumes_only_unfinished_points(tmp_path):
   # Kill the sweep (SIGKILL, no clean-up) once a point has finished and others are running.
   process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-  done = lambda: [n for n in names if sweep.is_finished(str(root / n), 2)]
+  done = lambda: [n for n in names if runner.is_finished(str(root / n), 2)]
   deadline = time.time() + 240
   while not done() and process.poll() is None and time.time() < deadline:
     time.sleep(0.05)
@@ -129,7 +125,7 @@ def test_killed_sweep_resumes_only_unfinished_points(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   print(result.stdout)
   assert f"{len(first)} finished, {4 - len(first)} to run" in result.stdout
-  assert all(sweep.is_finished(str(root / n), 2) for n in names)
+  assert all(runner.is_finished(str(root / n), 2) for n in names)
   assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
   for name in first:  # started once, never again
     assert (root / "logs" / f"{name}.log").read_text().count("$ ") == 1

@@ -93,11 +93,11 @@ def check_points(config, points: list[dict]) -> None:
       raise SweepError(f"the sweep: {error}") from None
 
 
-def _text(value) -> str:
+def value_text(value) -> str:
   if isinstance(value, float):
     return f"{value:g}"
   if isinstance(value, (list, tuple)):
-    return "x".join(_text(v) for v in value)
+    return "x".join(value_text(v) for v in value)
   return str(value)
 
 
@@ -113,7 +113,7 @@ def _labels(keys) -> dict[str, str]:
 def point_name(point: dict) -> str:
   """`{"train.learning_rate": 0.001, "seed": 1}` → `lr0.001_seed1`: a readable slug."""
   labels = _labels(point)
-  name = "_".join(f"{labels[k]}{_text(v)}" for k, v in point.items())
+  name = "_".join(f"{labels[k]}{value_text(v)}" for k, v in point.items())
   return re.sub(r"[^A-Za-z0-9._+=-]+", "-", name).strip("-") or "point"
 
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from medjax import figures, files
 from medjax.sweep import devices, slurm
-from medjax.sweep.grid import SweepError, check_points, load_sweep, point_names, override_flags
+from medjax.sweep.grid import (SweepError, check_points, load_sweep, override_flags, point_names,
+                               value_text)
 
 METRICS = ("psnr", "ssim", "mae")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mae": False}
@@ -73,7 +74,7 @@ def run_points(jobs: list[dict], *, parallel: int, kind: str, ids: list[str],
     while pending or running:
       while pending and free:
         job, slot = pending.pop(0), free.pop(0)
-        env = {**os.environ, **slot_env(kind, ids, slot, devices_per_run)}
+        env = {**os.environ, **devices.slot_env(kind, ids, slot, devices_per_run)}
         # Each point is a one-process run, even when the sweep itself was started inside a
         # multi-task SLURM allocation (which would make `medjax train` wait for its peers).
         env.pop("SLURM_NTASKS", None)
@@ -113,7 +114,7 @@ def collect(root: str, names: list[str], points: list[dict], steps: list[int]) -
       continue
     with open(path) as f:
       summary = json.load(f)
-    row = {"point": name, **{k: _text(v) for k, v in point.items()}, "step": summary["step"]}
+    row = {"point": name, **{k: value_text(v) for k, v in point.items()}, "step": summary["step"]}
     row.update({f"model_{m}": summary["model"][m] for m in METRICS if m in summary["model"]})
     row.update({f"baseline_{m}": summary["baseline"][m] for m in METRICS
                 if m in summary["baseline"]})
