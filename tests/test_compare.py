@@ -1,36 +1,35 @@
-"""`medjax compare`: config specs, the table beside the baseline, the steps sweep, resuming."""
+"""`medjax compare`: experiment specs, the table beside the baseline, the steps sweep, caching."""
 
-import argparse
 import csv
 import json
-import pathlib
 
 import pytest
 
 from medjax import compare
+from medjax import config as config_lib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 
-def fake_result(run, method, task, psnr, sweep=()):
+def fake_result(run, method, task, psnr, sweep=(), workdir=""):
   scores = {"mae": 0.05, "psnr": psnr, "ssim": 0.8}
-  return {"run": run, "config": "", "method": method, "task": task, "translator": method,
-          "stochastic": bool(sweep), "protocol": "mri" if task == "t2w" else "synthrad2023",
+  return {"run": run, "workdir": workdir, "config": "", "method": method, "task": task,
+          "translator": method, "stochastic": bool(sweep),
+          "protocol": "mri" if task == "t2w" else "synthrad2023",
           "subjects": 2, "train_steps": 10, "batch_size": 8, "steps": 8, "samples": 1,
           "nfe": 8, "nfe_per_sample": 8, "train_s": 12.0, "sample_ms_per_slice": 3.0,
           "model": scores, "baseline": {**scores, "psnr": 20.0}, "sweep": list(sweep)}
 
 
-def test_every_default_config_loads_with_its_variant(monkeypatch):
+def test_every_default_experiment_loads(monkeypatch):
   monkeypatch.chdir(ROOT)  # the default specs are relative to the repository
-  runs = [compare.load_config(spec) for spec in compare.DEFAULT_CONFIGS]
-  assert len({run for run, _ in runs}) == len(runs)  # one workdir per config
-  targets = {config.data.target for _, config in runs}
-  assert targets == {"t2w", "ct"}
-  i2sb = dict(runs)["phantom_bridge_ct-i2sb"]
-  assert (i2sb.translator.bridge, i2sb.data.target) == ("i2sb", "ct")
-  with pytest.raises(FileNotFoundError):
-    compare.load_config("experiments/nope.py")
+  runs = {compare.run_name(spec): config_lib.load(spec) for spec in compare.DEFAULT_EXPERIMENTS}
+  assert len(runs) == len(compare.DEFAULT_EXPERIMENTS)  # one workdir per experiment
+  assert {c.data.target for c in runs.values()} == {"t2w", "ct"}
+  i2sb = runs["phantom-i2sb-ct"]
+  assert (i2sb.translator.name, i2sb.translator.bridge, i2sb.data.target) == ("bridge", "i2sb", "ct")
+  with pytest.raises(config_lib.ConfigError, match="nope.py"):
+    config_lib.load("experiments/nope.py")
 
 
 def test_table_and_sweep_files(tmp_path):
@@ -51,13 +50,28 @@ def test_table_and_sweep_files(tmp_path):
   assert (tmp_path / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_finished_run_is_not_retrained(tmp_path, monkeypatch):
+def test_a_cached_result_is_reused_only_at_its_own_budget(tmp_path, monkeypatch):
+  """compare.json answers a rerun at the same budget; another budget trains anew."""
   monkeypatch.chdir(ROOT)
-  parser = argparse.ArgumentParser()
-  compare.add_compare_args(parser)
-  args = parser.parse_args(["--workdir", str(tmp_path), "--configs",
-                            "experiments/phantom_pix2pix.py"])
-  done = tmp_path / "phantom_pix2pix" / "compare.json"
-  done.parent.mkdir()
-  done.write_text(json.dumps(fake_result("phantom_pix2pix", "pix2pix", "t2w", 30.0)))
-  assert compare.run_one(args.configs[0], args, mesh=None)["model"]["psnr"] == 30.0
+  spec = "experiments/phantom.py:method=pix2pix,size=tiny"
+  budget = compare.Budget(train_steps=4, sweep_steps=())
+  config = compare.budget_config(spec, budget)
+  workdir = tmp_path / compare.run_name(spec) / budget.workdir_name(config)
+  workdir.mkdir(parents=True)
+  cached = fake_result("phantom-pix2pix-tiny", "pix2pix", "t2w", 30.0)
+  cached["budget"] = {**json.loads(json.dumps(budget.__dict__, default=list)),
+                      "batch_size": config.train.batch_size,
+                      "samples": config.translator.samples}
+  (workdir / "compare.json").write_text(json.dumps(cached))
+  assert compare.run_one(spec, str(tmp_path), budget)["model"]["psnr"] == 30.0
+
+  trained = []
+  monkeypatch.setattr(compare.train, "train_and_evaluate",
+                      lambda config, workdir, mesh=None: trained.append((config, workdir))
+                      or (_ for _ in ()).throw(RuntimeError("trained")))
+  for other in (compare.Budget(train_steps=5, sweep_steps=()),
+                compare.Budget(train_steps=4, sweep_steps=(1, 2))):
+    with pytest.raises(RuntimeError, match="trained"):
+      compare.run_one(spec, str(tmp_path), other)
+  assert [c.train.total_steps for c, _ in trained] == [5, 4]
+  assert trained[0][1] != str(workdir)  # another budget: another workdir, never the old run

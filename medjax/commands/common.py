@@ -25,6 +25,7 @@ class Parser(argparse.ArgumentParser):
     super().__init__(*args, **kwargs)
     # Old flags whose meaning moved: {old: why and what to use}, refused with that hint.
     self.renamed = dict(renamed or {})
+    self.required_dests = {}  # required flags that also have an old spelling (`alias`)
 
   def error(self, message: str):
     raise UserError(f"{message} (see {self.prog} --help)")
@@ -41,15 +42,22 @@ class Parser(argparse.ArgumentParser):
       out.append(arg)
     return out
 
-  def parse_args(self, args=None, namespace=None):
-    return super().parse_args(self.normalise(args or []), namespace)
-
   def parse_known_args(self, args=None, namespace=None):
-    return super().parse_known_args(self.normalise(args or []), namespace)
+    parsed, extra = super().parse_known_args(self.normalise(args or []), namespace)
+    missing = [flag for dest, flag in self.required_dests.items()
+               if getattr(parsed, dest, None) is None]
+    if missing:
+      self.error(f"the following arguments are required: {', '.join(missing)}")
+    return parsed, extra
 
 
 def alias(parser, old: str, dest: str, **kwargs) -> None:
-  """An old spelling of a flag, still read, not shown in --help."""
+  """An old spelling of a flag, still read, not shown in --help. Either spelling
+  satisfies a required flag."""
+  for action in parser._actions:
+    if action.dest == dest and action.required:
+      action.required = False
+      parser.required_dests[dest] = action.option_strings[0]
   parser.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)
 
 
