@@ -1,0 +1,119 @@
+"""The user's path is the evaluation's path.
+
+What a user types — `medjax phantom` (or a dataset) → `prepare` → `train` → `translate` on a
+new file with no mask → `score` — must give the numbers the run's own evaluation gives for
+the same subjects. The phantom at 48×48×32 is where a body mask that lost half of the head
+(Otsu on T1w) once cost 13 dB: the MR source was normalised over another region than in
+training. Each run here is small (16 channels, 300 steps), so its absolute scores are low;
+what is compared is the same model reached two ways.
+"""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medjax import cli
+
+from conftest import ROOT, tiny_spec
+
+pytestmark = pytest.mark.slow
+
+SHAPE = "48x48x32"  # experiments/phantom.py's `small` grid: the head at 3.3 × 3.3 × 3 mm
+SPACING = (160 / 48, 160 / 48, 3.0)
+TEST_SUBJECT = "phantom_004"  # 5 subjects: train 0-2, val 3, test 4
+OVERRIDES = [f"--config.data.phantom.shape={SHAPE}",
+             "--config.data.phantom.spacing=({},{},{})".format(*SPACING),
+             "--config.model.channels=16", "--config.train.learning_rate=3e-3",
+             "--config.train.warmup_steps=10", "--config.train.ema_decay=0.99"]
+
+
+def medjax(*argv) -> int:
+  return cli.main(["medjax", *map(str, argv)])
+
+
+def steps(n: int) -> list[str]:
+  return [f"--config.train.total_steps={n}", f"--config.eval.every={n}",
+          f"--config.checkpoint.every={n}"]
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+  data = tmp_path_factory.mktemp("phantom")
+  assert medjax("phantom", "--output-dir", data, "--subjects", 5, "--shape", SHAPE) == 0
+  return data
+
+
+def scored_psnr(pred_dir, data, target) -> float:
+  protocol = "synthrad2023" if target == "ct" else "mri"
+  medjax("score", "--pred-dir", pred_dir, "--target-dir", data, "--layout", "phantom",
+         "--target", target, "--protocol", protocol)  # status 1: the others have no prediction
+  return json.loads((pred_dir / "scores.json").read_text())["metrics"]["psnr"]["mean"]
+
+
+@pytest.mark.parametrize("target", ["t2w", "ct"])
+def test_translating_without_a_mask_scores_what_the_evaluation_scored(
+    target, phantom_files, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert medjax("train", "--config", tiny_spec("regression", target), "--workdir", workdir,
+                *OVERRIDES, *steps(300)) == 0
+  assert medjax("evaluate", "--workdir", workdir, "--split", "test") == 0
+  evaluated = json.loads((workdir / "eval" / "300" / "test_summary.json").read_text())
+  assert evaluated["subjects"] == 1
+  source = phantom_files / TEST_SUBJECT / "t1w.nii.gz"
+  psnr = {}
+  for given in ("mask", "no mask"):
+    out = tmp_path / given.replace(" ", "_")
+    extra = ["--mask", phantom_files / TEST_SUBJECT / "mask.nii.gz"] if given == "mask" else []
+    assert medjax("translate", "--workdir", workdir, "--input", source, "--output",
+                  out / f"{TEST_SUBJECT}.nii.gz", *extra) == 0
+    psnr[given] = scored_psnr(out, phantom_files, target)
+  print(target, psnr, "evaluation:", evaluated["model"]["psnr"], capsys.readouterr().err[-300:])
+  # With the training mask the two paths are the same computation on the same voxels.
+  assert psnr["mask"] == pytest.approx(evaluated["model"]["psnr"], abs=0.01)
+  # Without it, the automatic body mask must normalise the source as training did.
+  assert abs(psnr["no mask"] - psnr["mask"]) < 0.5
+  assert abs(psnr["no mask"] - evaluated["model"]["psnr"]) < 0.5
+
+
+def test_prepared_data_chain_and_a_run_without_its_data(phantom_files, tmp_path):
+  """phantom files → prepare → train on shards → evaluate with the test split alone →
+  translate a file with no mask → score; then the data folder goes and the run still
+  translates the same voxels."""
+  shards, workdir = tmp_path / "shards", tmp_path / "run"
+  assert medjax("prepare", "--layout", "phantom", "--input-dir", phantom_files,
+                "--output-dir", shards, "--source", "t1w", "--target", "t2w",
+                "--spacing", "x".join(f"{s:.10g}" for s in SPACING), "--size", "48x48",
+                "--fractions", "0.6,0.2,0.2") == 0
+  manifest = json.loads((shards / "manifest.json").read_text())
+  test_subject, = manifest["splits"]["test"]
+  assert medjax("train", "--config", f"{ROOT}/experiments/brats_t1_t2.py:method=regression",
+                "--workdir", workdir, f"--config.data.dir={shards}", "--config.data.workers=0",
+                "--config.model.channels=16", "--config.model.channel_mult=1,2",
+                "--config.model.num_res_blocks=1", "--config.model.attention_levels=()",
+                "--config.train.batch_size=8", "--config.train.learning_rate=3e-3",
+                "--config.train.warmup_steps=10", "--config.train.ema_decay=0.99",
+                "--config.logging.progress=false", *steps(150)) == 0
+
+  assert medjax("evaluate", "--workdir", workdir, "--split", "test") == 0
+  summary = workdir / "eval" / "150" / "test_summary.json"
+  evaluated = json.loads(summary.read_text())["model"]
+  for split in ("train", "val"):  # evaluation needs the held-out split only
+    shutil.rmtree(shards / split)
+  (shards / "manifest.json").unlink()
+  summary.unlink()
+  assert medjax("evaluate", "--workdir", workdir, "--split", "test") == 0
+  assert json.loads(summary.read_text())["model"] == evaluated
+
+  source = phantom_files / test_subject / "t1w.nii.gz"
+  first = tmp_path / "out" / f"{test_subject}.nii.gz"
+  assert medjax("translate", "--workdir", workdir, "--input", source, "--output", first) == 0
+  psnr = scored_psnr(first.parent, phantom_files, "t2w")
+  assert abs(psnr - evaluated["psnr"]) < 0.5
+
+  shutil.rmtree(shards)  # the run carries its recipe and baseline: no data needed
+  again = tmp_path / "again.nii.gz"
+  assert medjax("translate", "--workdir", workdir, "--input", source, "--output", again) == 0
+  np.testing.assert_array_equal(nib.load(again).get_fdata(), nib.load(first).get_fdata())
