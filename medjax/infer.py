@@ -89,6 +89,10 @@ def translate_file(run, inputs, output, *, uncertainty=None, mask=None,
                     f" got {len(inputs)}: {' '.join(map(str, inputs))}")
   given = dict(zip(sources, inputs)) | ({"mask": Path(mask)} if mask else {})
   prepared = preprocess(given, run.recipe, subject_id=name or inputs[0].name, targets=False)
+  if prepared.geometry["body_cropped"] > 0.005:
+    print(f"medjax translate: {name or inputs[0]}: the run's {'x'.join(map(str, run.recipe.size))}"
+          f" slices cut off {100 * prepared.geometry['body_cropped']:.1f} % of the body; "
+          "that part of the output is background", file=sys.stderr)
   seed = run.config.seed if seed is None else seed
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), TRANSLATE_SEED_OFFSET)
   mean, std = translate_slices(run, prepared.model_source(run.recipe.context), steps=steps,

@@ -540,3 +540,21 @@ def test_prepare_and_translate_make_the_same_model_input(tmp_path, with_mask, mo
   assert shards.load_manifest(out)["normalisation"]["s0"] == by_prepare.normalisation
   for key in ("grid_affine", "grid_shape", "crop_start", "original_affine", "ras_affine"):
     assert by_translate.geometry[key] == by_prepare.geometry[key], key
+
+
+def test_a_size_that_cuts_the_body_is_reported(dataset, tmp_path, capsys):
+  """`--size` crops in-plane around the body; when the body does not fit, prepare says how
+  much of it was lost (the body of these subjects spans 16 of 24 voxels across)."""
+  flags = ["--source", "t1w", "--target", "t2w", "--fractions", "0.6,0.2,0.2"]
+  assert cli_prepare(dataset, tmp_path / "cut", *flags, "--size", "10x10") == 0
+  err = capsys.readouterr().err
+  assert "--size 10x10 cuts off part of the body" in err
+  cut = shards.load_manifest(tmp_path / "cut")["geometry"]
+  for subject, geometry in cut.items():
+    mask = np.asarray(nib.load(dataset / subject / "mask.nii.gz").dataobj) > 0
+    across = max(np.ptp(np.flatnonzero(mask.any((1, 2)))), np.ptp(np.flatnonzero(mask.any((0, 2)))))
+    assert across >= 10 and geometry["body_cropped"] > 0.1, (subject, geometry["body_cropped"])
+  assert cli_prepare(dataset, tmp_path / "whole", *flags, "--size", "24x24") == 0
+  assert "cuts off" not in capsys.readouterr().err
+  whole = shards.load_manifest(tmp_path / "whole")["geometry"]
+  assert all(g["body_cropped"] == 0.0 for g in whole.values())

@@ -32,6 +32,7 @@ SPLITS = ("train", "val", "test")
 WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: random access, one record per read
 SHARD_SUFFIX = ".array_record"
 MANIFEST = "manifest.json"
+CROP_WARNING = 0.005  # share of the body mask a crop may cut before prepare says so
 
 
 class PrepareError(UserError):
@@ -292,8 +293,16 @@ def _report(manifest, verbose: bool):
   if empty:
     lines.append(f"warning: no subject in the {' and '.join(empty)} split(s); training "
                  "needs at least one validation and one test subject")
+  cropped = {i: g.get("body_cropped", 0.0) for i, g in manifest["geometry"].items()
+             if g.get("body_cropped", 0.0) > CROP_WARNING}
+  if cropped:
+    worst = max(cropped, key=cropped.get)
+    size = "x".join(map(str, manifest["recipe"]["size"]))
+    lines.append(f"warning: --size {size} cuts off part of the body in {len(cropped)} "
+                 f"subject(s) (up to {100 * cropped[worst]:.1f} % of the body mask, {worst}); "
+                 "a larger --size or a coarser --spacing keeps it whole")
   if manifest["skipped"]:
     lines.append(f"skipped {len(manifest['skipped'])}:")
     lines += [f"  {s['subject']}: {s['reason']}" for s in manifest["skipped"]]
-  if verbose or empty:
+  if verbose or empty or cropped:
     print("\n".join(lines), file=sys.stderr)

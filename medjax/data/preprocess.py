@@ -193,6 +193,7 @@ def preprocess(files: Mapping, recipe: Recipe, *, subject_id: str = "",
   except ValueError as error:  # e.g. a constant image that cannot be scaled
     raise VolumeError(files[reference], str(error)) from None
   start = volumes.crop_start(mask, recipe.size)
+  kept = volumes.window(mask, start, recipe.size, False).sum()
 
   def stack(names):
     unit = [volumes.window(intensity.normalise(on_grid[m], normalisation[m]), start,
@@ -214,6 +215,8 @@ def preprocess(files: Mapping, recipe: Recipe, *, subject_id: str = "",
       "off_grid": off_grid,
       "registered": registered,
       "mask": "file" if has_mask else "auto",
+      # The share of the body mask the in-plane crop to `size` cut away (0 when it fits).
+      "body_cropped": round(1.0 - float(kept) / float(mask.sum()), 6),
   }
   return PreparedSubject(
       id=subject_id, source=stack(recipe.sources),
