@@ -27,7 +27,7 @@ def test_product_and_zip_build_the_grid():
       {"train.learning_rate": 3e-3, "seed": 0, "data.phantom.seed": 5},
       {"train.learning_rate": 3e-3, "seed": 1, "data.phantom.seed": 6}]
   with pytest.raises(sweep.SweepError):
-    sweep.zipped(sweep.sweep("seed", [0, 1]), sweep.sweep("train.steps", [1]))
+    sweep.zipped(sweep.sweep("seed", [0, 1]), sweep.sweep("train.total_steps", [1]))
   with pytest.raises(sweep.SweepError):
     sweep.product(sweep.sweep("seed", [0]), sweep.sweep("seed", [1]))
 
@@ -66,7 +66,7 @@ def test_unknown_key_and_bad_sweep_files(tmp_path, capsys):
   err = capsys.readouterr().err
   assert code == 2 and "lerning_rate" in err and err.startswith("medjax sweep: error:")
   uneven = tmp_path / "uneven.py"
-  uneven.write_text("def get_sweep():\n  return [{'seed': 0}, {'train.steps': 3}]\n")
+  uneven.write_text("def get_sweep():\n  return [{'seed': 0}, {'train.total_steps': 3}]\n")
   with pytest.raises(sweep.SweepError, match="different keys"):
     grid.load_sweep(str(uneven))
 
