@@ -120,9 +120,9 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
 
   summary, _, predictions = evaluate.evaluate(run, volumes)
   slices = figures.foreground_slices(volumes[0].mask, budget.image_slices)
-  np.savez_compressed(os.path.join(workdir, "compare_slices.npz"), slices=slices,
-                      prediction=predictions[0].mean[slices, ..., 0],
-                      std=predictions[0].std[slices, ..., 0])
+  with files.atomic_write(os.path.join(workdir, "compare_slices.npz")) as tmp:
+    np.savez_compressed(tmp, slices=slices, prediction=predictions[0].mean[slices, ..., 0],
+                        std=predictions[0].std[slices, ..., 0])
 
   sweep = []
   if run.translator.stochastic and budget.sweep_steps:

@@ -18,7 +18,7 @@ import runpy
 
 import ml_collections
 
-from medjax import models, modalities, translators
+from medjax import metrics, models, modalities, translators
 from medjax.errors import ConfigError
 
 # Keys that may change between a run and its resumption without making it another
@@ -349,6 +349,9 @@ def validate(config, num_devices: int = 1) -> None:
       raise ConfigError(f"{key}={config[group][name]} must be positive")
   if not 0.0 <= train.ema_decay < 1.0:
     raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in [0, 1)")
+  if data.kind == "phantom" and min(data.phantom.shape) < metrics.MIN_SIDE:
+    raise ConfigError(f"data.phantom.shape={tuple(data.phantom.shape)}: the evaluation's SSIM "
+                      f"window needs at least {metrics.MIN_SIDE} voxels along every axis")
   if data.kind == "phantom" and data.phantom.subjects < 3:
     raise ConfigError(f"data.phantom.subjects={data.phantom.subjects}: the train, val and test "
                       "splits need at least 3 subjects")

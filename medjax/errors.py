@@ -4,7 +4,7 @@ Library modules raise these; only the command line (`medjax.cli`) turns them int
 `medjax <command>: error: …` and an exit status (docs/design.md, "Command line"):
 
   2  UserError and its kinds: the request cannot run as asked (a flag, a config key, a
-     missing or broken file, a workdir of another experiment). Nothing was written.
+     missing or broken file, a workdir of another experiment). Refused before any work.
   1  RunError: the work started and stopped (a non-finite loss), or PartialFailure: some
      subjects failed, the others were written.
 """

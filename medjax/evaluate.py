@@ -61,8 +61,10 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
   translate_fn = run.translate_fn(steps, samples)
   rows, predictions = [], []
   for i, volume in enumerate(volumes):
+    # Batched as `medjax translate` batches a volume: the same padding, the same draws.
+    size = parallel.balanced_batch(volume.source.shape[0], batch_size, run.mesh.size)
     prediction = translate_volume(translate_fn, run.params, volume.source,
-                                  jax.random.fold_in(rng, i), run.mesh, batch_size)
+                                  jax.random.fold_in(rng, i), run.mesh, size)
     predictions.append(prediction)
     physical = lambda unit: intensity.to_output_units(unit[..., 0], volume.target_params,
                                                       run.target)

@@ -3,7 +3,7 @@
 - `save_grid`: rows of axial slices, one column per image (source | prediction | target |
   |error| | std), what training writes to `images/` and `medjax compare` per task;
 - `save_views`: one subject in three planes (axial, coronal, sagittal through the centre
-  of its mask), what `medjax score --report` and evaluation reports show;
+  of its mask), what `medjax score --report-dir` and evaluation reports show;
 - `write_report`: a PNG per subject and `report.md` listing metrics and pictures;
 - `save_curves`: metric-against-setting line plots (sampling steps, sweep values).
 

@@ -15,7 +15,6 @@ used: what evaluation scored is what a user gets.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from medjax import evaluate, files, modalities
+from medjax import evaluate, files, modalities, parallel
 from medjax.data import intensity, layouts, volumes
 from medjax.data.preprocess import preprocess, to_original
 from medjax.errors import UserError
@@ -34,23 +33,12 @@ INDEX = "translations.json"  # directory mode: what was written from what (read 
 TRANSLATE_SEED_OFFSET = 20_000_003
 
 
-def balanced_batch(depth: int, batch_size: int, devices: int) -> int:
-  """At most `batch_size` slices per batch, as few batches as that allows, evened out so
-  the last one is not mostly padding (67 slices: 3 × 24, not 3 × 32). Sizes are rounded
-  to a multiple of 8 (and of the devices) so volumes of many depths share compilations."""
-  multiple = math.lcm(8, devices)
-  if batch_size < multiple:  # a small batch asked for (memory): keep to it
-    multiple = devices
-  batches = -(-depth // max(batch_size, 1))
-  return -(-(-(-depth // batches)) // multiple) * multiple
-
-
 def translate_slices(run, source: np.ndarray, *, steps: int | None = None,
                      samples: int | None = None, batch_size: int | None = None, rng=None,
                      desc: str = "translate", progress: bool = True):
   """(Z, H, W, C) model-scale slices → (mean, std), in batches on the mesh, with a bar."""
-  batch_size = balanced_batch(source.shape[0], batch_size or run.config.eval.batch_size,
-                              run.mesh.size)
+  batch_size = parallel.balanced_batch(source.shape[0],
+                                       batch_size or run.config.eval.batch_size, run.mesh.size)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   bar = tqdm(total=source.shape[0], desc=desc, unit="slice", leave=False,
              disable=not progress, dynamic_ncols=True)

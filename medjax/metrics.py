@@ -14,6 +14,7 @@ import numpy as np
 from medjax import modalities
 
 PROTOCOLS = ("synthrad2023", "synthrad2025", "mri")
+MIN_SIDE = 11  # voxels per axis every protocol's SSIM window fits in (mri: 11 taps)
 
 
 def protocol_for(target_modality: str) -> str:

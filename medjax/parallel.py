@@ -2,11 +2,12 @@
 
 One `data` axis spans every device of every process: the batch is split along it and
 the train state is replicated (an `fsdp` axis can be added later without touching the
-translators, which never see shardings).
+translators, which see shardings only where CycleGAN's history pool must be replicated).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -82,3 +83,14 @@ def to_host(array: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
   return np.asarray(array)
+
+
+def balanced_batch(depth: int, batch_size: int, devices: int) -> int:
+  """At most `batch_size` slices per batch, as few batches as that allows, evened out so
+  the last one is not mostly padding (67 slices: 3 × 24, not 3 × 32). Sizes are rounded
+  to a multiple of 8 (and of the devices) so volumes of many depths share compilations."""
+  multiple = math.lcm(8, devices)
+  if batch_size < multiple:  # a small batch asked for (memory): keep to it
+    multiple = devices
+  batches = -(-depth // max(batch_size, 1))
+  return -(-(-(-depth // batches)) // multiple) * multiple

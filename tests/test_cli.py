@@ -9,7 +9,6 @@ import pytest
 
 from medjax import cli
 from medjax.commands import COMMANDS
-from medjax.data import phantom
 
 from conftest import ROOT, tiny_spec
 

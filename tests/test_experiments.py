@@ -110,3 +110,10 @@ def test_every_config_key_the_readme_names_exists():
            if not key.endswith((".py", ".md", ".json", ".csv", ".png"))}
   assert named
   assert not sorted(named - all_keys() - {"data.phantom"})
+
+
+def test_a_phantom_too_thin_for_the_ssim_window_is_refused_before_training():
+  config = load("phantom.py:size=tiny")
+  config.data.phantom.shape = (32, 32, 8)
+  with pytest.raises(config_lib.ConfigError, match="at least 11 voxels"):
+    config_lib.validate(config)

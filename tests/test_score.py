@@ -138,7 +138,7 @@ def test_report_has_a_picture_per_subject_and_a_page_linking_them(folders):
   report = root / "report"
   assert cli.main(["medjax", "score", "--pred-dir", str(root / "pred"), "--target-dir",
                    str(root / "data"), "--layout", "synthrad2023", "--protocol",
-                   "synthrad2023", "--report", str(report)]) == 0
+                   "synthrad2023", "--report-dir", str(report)]) == 0
   page = (report / "report.md").read_text()
   for sid in ("s01", "s02", "s03"):
     image = report / f"{sid}.png"

@@ -17,11 +17,11 @@ def add_arguments(parser) -> None:
   parser.description = (
       "Match predictions to targets by subject and score each 3D volume with a protocol:\n"
       "synthrad2023 / synthrad2025 (HU inside the mask) or mri ([0, 1] inside the mask).\n"
-      "Writes a per-subject CSV and a summary JSON beside it; --report adds a picture per\n"
+      "Writes a per-subject CSV and a summary JSON beside it; --report-dir adds a picture per\n"
       "subject (axial, coronal, sagittal) and a Markdown page. Without masks, the target's\n"
       "automatic body mask is scored.")
   parser.epilog = ("example:\n  medjax score --pred-dir out/ --target-dir /data/new --layout "
-                   "synthrad2023 --protocol synthrad2023 --report out/report")
+                   "synthrad2023 --protocol synthrad2023 --report-dir out/report")
   parser.add_argument("--pred-dir", required=True, help="folder of predicted volumes")
   common.alias(parser, "--pred", "pred_dir")
   parser.add_argument("--target-dir", required=True,
@@ -39,8 +39,8 @@ def add_arguments(parser) -> None:
                       help="per-subject CSV (default: PRED_DIR/scores.csv); the summary JSON "
                            "goes beside it")
   common.alias(parser, "--out", "output")
-  parser.add_argument("--report", metavar="DIR", help="also write a PNG per subject and "
-                      "report.md here")
+  parser.add_argument("--report-dir", help="also write a PNG per subject and report.md here")
+  common.alias(parser, "--report", "report_dir")
 
 
 def _modality(args) -> str | None:
@@ -77,8 +77,8 @@ def run(args) -> int:
   print(score.format_table(rows, result))
   print(f"{len(rows)} subject(s) scored ({args.protocol}) → {out}, {summary_path}"
         + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
-  if args.report:
-    page = figures.write_report(args.report, score.report_subjects(
+  if args.report_dir:
+    page = figures.write_report(args.report_dir, score.report_subjects(
         cases, rows, protocol=args.protocol, modality=modality, pred_scale=args.pred_scale),
         protocol=args.protocol)
     print(f"report: {page}")

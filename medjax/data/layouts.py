@@ -6,7 +6,7 @@ seg), so that nothing downstream knows which layout the files came from.
 
 Scanning never stops on a bad subject: what looks wrong (a modality that the layout
 promises but is absent, a second candidate file) is noted in `Subject.issues`; whether it
-matters depends on the modalities a run asks for, which `shards.prepare` decides.
+matters depends on the modalities a run asks for, which `prepare.prepare` decides.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import grain
 import jax
 import numpy as np
 
-from medjax import modalities
+from medjax import metrics, modalities
 from medjax.data import augment, intensity, phantom
 from medjax.data.preprocess import Recipe, Volume
 from medjax.errors import ConfigError
@@ -125,6 +125,15 @@ def check_splits(config) -> None:
     if not counts.get(name):
       raise ConfigError(f"the {name} split of {where} has no subject; evaluation needs at "
                         "least one (more subjects, or other split fractions)")
+  if config.data.kind == "shards":
+    from medjax.data import shards
+    short = {meta["subject"]: len(meta["slices"]) for name in ("val", "test")
+             for meta in shards.split_metadata(config.data.dir, name)
+             if len(meta["slices"]) < metrics.MIN_SIDE}
+    if short:
+      raise ConfigError(f"held-out subjects of {config.data.dir} with fewer foreground slices "
+                        f"than the evaluation's {metrics.MIN_SIDE}-voxel SSIM window: "
+                        + ", ".join(f"{s} ({n})" for s, n in sorted(short.items())))
 
 
 def eval_volumes(config, split: str) -> list[Volume]:

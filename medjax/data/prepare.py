@@ -174,8 +174,8 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
   """Write shards and OUT/manifest.json; returns the manifest.
 
   Running again on the same `out` with the same settings only does the subjects that are
-  not done yet. `strict` raises `PrepareError` (after writing the manifest) if any subject
-  was skipped.
+  not done yet. `strict` raises `PartialFailure` (after writing the manifest) if any
+  subject was skipped.
   """
   root, out = Path(root).resolve(), Path(out)
   recipe = make_recipe(sources, targets, spacing=spacing, size=size, context=context,

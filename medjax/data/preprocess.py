@@ -33,9 +33,6 @@ from medjax.data import intensity, volumes
 from medjax.data.mask import body_mask
 from medjax.data.volumes import VolumeError
 
-MASK_SOURCES = ("file", "auto", "phantom")  # how a subject's body mask was made
-
-
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """How a run's slices were made: what `medjax translate` repeats on a new file."""

@@ -83,6 +83,12 @@ def read_shard(path) -> list[dict]:
     reader.close()
 
 
+def split_metadata(directory, split: str) -> list[dict]:
+  """The per-subject json `prepare` wrote beside each shard of `split`."""
+  return [json.loads(path.with_name(path.name[:-len(SHARD_SUFFIX)] + ".json").read_text())
+          for path in shard_paths(directory, split)]
+
+
 def split_volumes(directory, split: str) -> list[Volume]:
   """Each subject of `split` as a `Volume`: its foreground slices in order.
 
