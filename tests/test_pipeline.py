@@ -144,7 +144,13 @@ def test_shards_are_checked_against_the_config(prepared, tmp_path):
   manifest = shards.load_manifest(prepared)
   assert len(source) == manifest["counts"]["slices"]["train"] > 0
   assert [v.subject for v in pipeline.eval_volumes(config, "val")] == manifest["splits"]["val"]
-  pipeline.check_splits(config)
+  # These subjects have 8 slices with body in them: too few for the 11-voxel SSIM window
+  # the evaluation will use, which must be said before any training, naming them.
+  short = {s: len(manifest["slices"][s]) for n in ("val", "test") for s in manifest["splits"][n]}
+  assert set(short.values()) == {8}
+  with pytest.raises(ConfigError, match="fewer foreground slices") as refused:
+    pipeline.check_splits(config)
+  assert all(f"{s} (8)" in str(refused.value) for s in short)
   with pytest.raises(ConfigError, match=r"targets=\['t2w'\], the config asks \['pd'\]"):
     pipeline.check_shards(shards_config(prepared, target="pd"))
   with pytest.raises(ConfigError, match="run `medjax prepare` first"):
