@@ -132,3 +132,23 @@ def test_every_command_runs_in_process(tmp_path, capsys, monkeypatch):
                        "--sweep-steps", "", "--image-slices", "1")
   assert code == 0 and "intensity map (baseline)" in out, err
   assert (tmp_path / "compare" / "compare.md").exists()
+
+
+def test_an_empty_split_is_said_before_any_training(tmp_path, capsys):
+  """Two subjects leave no validation or test subject: `phantom` warns, `prepare` warns,
+  and `train` refuses before it creates anything (it used to train, then crash)."""
+  data = tmp_path / "two"
+  code, _, err = run(capsys, "phantom", "--output-dir", data, "--subjects", "2",
+                     "--shape", "16x16x12")
+  assert code == 0 and "warning" in err and "val and test split(s) empty" in err
+  code, _, err = run(capsys, "prepare", "--layout", "phantom", "--input-dir", data,
+                     "--output-dir", tmp_path / "shards", "--source", "t1w", "--target", "t2w",
+                     "--spacing", "10x10x8", "--size", "16x16")
+  assert code == 0 and "no subject in the val and test split(s)" in err
+  for overrides, said in ((["--config.data.phantom.subjects=2"], "data.phantom.subjects=2"),
+                          (["--config.data.kind=shards", f"--config.data.dir={tmp_path / 'shards'}"],
+                           "the val split")):
+    code, _, err = run(capsys, "train", "--config", tiny_spec(), "--workdir",
+                       tmp_path / "run", *overrides)
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "run").exists(), err
+    assert said in err

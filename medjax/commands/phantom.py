@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from medjax.commands import common
 
 HELP = "write phantom subjects as NIfTI files"
@@ -31,4 +33,9 @@ def run(args) -> int:
                                  seed=args.seed)
   print(f"wrote {len(paths)} phantom subjects ({'x'.join(map(str, shape))} voxels of "
         f"{'x'.join(f'{s:g}' for s in spacing)} mm) to {args.output_dir}")
+  empty = [name for name, ids in phantom.split_subjects(args.subjects).items() if not ids]
+  if empty:
+    print(f"medjax phantom: warning: {args.subjects} subject(s) leave the {' and '.join(empty)} "
+          "split(s) empty (split.json); a training run needs at least 3 subjects",
+          file=sys.stderr)
   return 0
