@@ -3,7 +3,7 @@
   python benchmarks/data_pipeline.py [--subjects 6] [--depth 48] [--seconds 10] [--workers 0]
 
 Writes a synthetic 256×256 dataset (phantom layout: t1w → t2w with a mask), prepares it
-with `medjax.data.shards.prepare`, then times, in the same run:
+with `medjax.data.prepare.prepare`, then times, in the same run:
 - shards: `pipeline.make_dataset` (shuffle → repeat → augment → batch; grain threads, or
   `--workers` processes) over `ShardSlices`;
 - naive: for every item, load both NIfTI files, normalise, cut the slice, augment.
@@ -106,14 +106,15 @@ def main():
   from absl import flags
   if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
     flags.FLAGS.mark_as_parsed()
-  from medjax.data import shards
+  from medjax.data import prepare
 
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory(prefix="medjax_bench_") as tmp:
     root, out = Path(tmp) / "dataset", Path(tmp) / "shards"
     write_dataset(root, args.subjects, args.depth)
     start = time.perf_counter()
-    manifest = shards.prepare("phantom", root, out, ["t1w"], "t2w", size=SIZE,
-                              split=(1, 0, 0), workers=max(args.workers, 2), progress=False)
+    manifest = prepare.prepare("phantom", root, out, ["t1w"], "t2w", size=SIZE,
+                               fractions=(1, 0, 0), workers=max(args.workers, 2),
+                               progress=False)
     prepare_s = time.perf_counter() - start
     shard_mb = sum(p.stat().st_size for p in (out / "train").glob("*.array_record")) / 2**20
     slices = manifest["counts"]["slices"]["train"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from medjax import files, metrics
 from medjax.data import intensity
@@ -238,6 +239,7 @@ def save_curves(path, panels: list[dict], *, width: float = 4.6) -> str:
       ax.axhline(y, color="gray", ls="--", lw=1, label=label)
     if panel.get("xlog"):
       ax.set_xscale("log")
+      ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4 … not 2×10⁰
     if panel.get("xticks"):
       ax.set_xticks(range(len(panel["xticks"])), panel["xticks"])
     ax.set_xlabel(panel.get("xlabel", ""))

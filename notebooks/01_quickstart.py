@@ -16,27 +16,42 @@
 #
 # The same functions the CLI runs (`medjax train` is `train.train_and_evaluate`): the
 # built-in phantom stands in for data, a conditional flow-matching U-Net learns T1w → T2w
-# for a few hundred steps on a CPU, then translates a held-out volume several times; the
-# spread of those draws is the model's uncertainty, which we set beside its actual error.
+# on a CPU, then translates a held-out volume several times; the spread of those draws is
+# the model's uncertainty, which we set beside its actual error. Last, a NIfTI file in, a
+# NIfTI file out, as `medjax translate` does it.
 #
-# Budget: `MEDJAX_NOTEBOOK_STEPS` training steps (default 300, a few minutes on a laptop
-# CPU); `MEDJAX_NOTEBOOK_SIZE=tiny` shrinks data and model to what CI executes in seconds.
+# **Run time at the default parameters: about 2½ minutes on 2 CPU cores** (measured
+# whole, kernel start to last cell: 2.5 min; up to about 3½ with the cores shared). The
+# next cell holds every budget: raise `STEPS` (the experiment's own is 1000, about 15
+# minutes) for a model that is worth looking at.
+
+# %% tags=["parameters"]
+# Parameters: the cell to raise for a longer run (the tests replace it with tiny values).
+SIZE = "small"  # experiments/phantom.py size: tiny (seconds) | small | base (accelerator)
+STEPS = 150  # training steps
+WORKDIR = None  # None: a temporary folder, removed by the last cell; a path is kept
 
 # %%
 import io
 import json
-import os
 import pathlib
+import shutil
 import tempfile
 
-import jax
 import matplotlib.pyplot as plt
+import nibabel as nib
 import numpy as np
 from IPython.display import Image, display
 
 import medjax
-from medjax import compare, evaluate, metrics, parallel, train
-from medjax.data import phantom, pipeline
+from medjax import config as config_lib
+from medjax import evaluate, figures, infer, train
+from medjax.data import intensity, phantom, pipeline
+from medjax.run import Run
+
+EXPERIMENT = pathlib.Path(medjax.__file__).resolve().parents[1] / "experiments" / "phantom.py"
+workdir = pathlib.Path(WORKDIR) if WORKDIR else pathlib.Path(
+    tempfile.mkdtemp(prefix="medjax_quickstart_"))
 
 
 def show(fig):
@@ -47,29 +62,21 @@ def show(fig):
   plt.close(fig)
   display(Image(buffer.getvalue()))
 
-
-STEPS = int(os.environ.get("MEDJAX_NOTEBOOK_STEPS", 300))
-TINY = os.environ.get("MEDJAX_NOTEBOOK_SIZE") == "tiny"
-WORKDIR = os.environ.get("MEDJAX_NOTEBOOK_WORKDIR") or tempfile.mkdtemp(prefix="medjax_")
-EXPERIMENTS = pathlib.Path(medjax.__file__).resolve().parents[1] / "experiments"
-
 # %% [markdown]
 # ## The experiment
-# One config file, as on the command line; here we only shorten the run to the budget.
+# One config file, as on the command line (`medjax train --config
+# experiments/phantom.py:size=small`); here we only shorten the run to the budget.
 
 # %%
-_, config = compare.load_config(str(EXPERIMENTS / "phantom_flow.py"))
-config.train.steps = config.eval.every = config.checkpoint.every = STEPS
-config.train.warmup_steps = min(config.train.warmup_steps, STEPS // 10)
-# The EMA must forget its initialisation within the budget (0.999 would average ~1000 steps).
-config.train.ema_decay = min(config.train.ema_decay, 1.0 - 10.0 / STEPS)
-if TINY:
-  config.data.phantom.update(subjects=5, shape=(32, 32, 12), spacing=(5.0, 5.0, 8.0))
-  config.model.update(channels=8, channel_mult=(1, 2), attention_levels=())
-  config.train.batch_size = 8
-  config.eval.update(steps=2, samples=2, batch_size=8)
+config = config_lib.load(f"{EXPERIMENT}:method=flow,target=t2w,size={SIZE}")
+config_lib.override(config, {
+    "train.total_steps": STEPS, "eval.every": STEPS, "checkpoint.every": STEPS,
+    # The experiment's warm-up, at most half the run: 150 steps that warmed up over 15
+    # ended below the intensity-mapping baseline, over 75 above it.
+    "train.warmup_steps": min(config.train.warmup_steps, STEPS // 2),
+    "logging.progress": True})
 print(f"{config.translator.name}: {config.data.source} → {config.data.target}, "
-      f"{STEPS} steps of batch {config.train.batch_size}, workdir {WORKDIR}")
+      f"{STEPS} steps of batch {config.train.batch_size}, workdir {workdir}")
 
 # %% [markdown]
 # ## The phantom
@@ -82,8 +89,8 @@ names = [m for m in ("t1w", "t2w", "pd", "flair", "ct", "mask") if m in volumes]
 z = volumes["mask"].shape[2] // 2
 fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4))
 for ax, name in zip(axes, names):
-  window = {"ct": dict(vmin=-1000, vmax=1500)}.get(name, {})
-  ax.imshow(np.rot90(volumes[name][:, :, z]), cmap="gray", **window)
+  window = {"ct": {"vmin": -1000, "vmax": 1500}}.get(name, {})
+  ax.imshow(figures.display(volumes[name][:, :, z]), cmap="gray", **window)
   ax.set_title(name)
   ax.axis("off")
 fig.tight_layout()
@@ -92,18 +99,17 @@ show(fig)
 # %% [markdown]
 # ## Train
 # Checkpoints, `metrics.jsonl`, TensorBoard events, image grids and the held-out
-# evaluation land in `WORKDIR` exactly as for `medjax train`; running this cell again
+# evaluation land in the workdir exactly as for `medjax train`; running this cell again
 # resumes instead of retraining.
 
 # %%
-summary = train.train_and_evaluate(config, WORKDIR)
-print(train.format_summary(summary))
+summary = train.train_and_evaluate(config, str(workdir))
 
 # %%
-logged = [json.loads(line) for line in open(os.path.join(WORKDIR, "metrics.jsonl"))]
-steps = [r["step"] for r in logged if r["split"] == "train"]
+logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+trained = [r for r in logged if r["split"] == "train"]
 fig, ax = plt.subplots(figsize=(5, 3))
-ax.plot(steps, [r["loss"] for r in logged if r["split"] == "train"], "o-", ms=3)
+ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], "o-", ms=3)
 ax.set_yscale("log")
 ax.set_xlabel("step")
 ax.set_ylabel("flow-matching loss")
@@ -112,54 +118,95 @@ show(fig)
 
 # %% [markdown]
 # ## Translate a held-out volume
-# `translate` draws `eval.samples` targets per slice and returns their mean and standard
-# deviation; the baseline is a per-subject intensity mapping fitted on the training slices.
+# `Run.load` restores what evaluation and `medjax translate` use: the config, the
+# preprocessing recipe, the intensity-mapping baseline fitted on the training slices and
+# the EMA parameters. `evaluate` draws `translator.samples` targets per slice at
+# `translator.sample_steps` and scores their mean, beside the baseline, in output units
+# (MR on [0, 1]).
 
 # %%
-mesh = parallel.make_mesh()
-translator, params, baseline = compare.restore(config, WORKDIR, mesh)
-volume = pipeline.eval_volumes(config, "test")[0]
-translate_fn = evaluate.make_translate_fn(translator, mesh, steps=config.eval.steps,
-                                          samples=config.eval.samples)
-prediction = evaluate.translate_volume(translate_fn, params, volume.source,
-                                       jax.random.PRNGKey(0), mesh, config.eval.batch_size)
+run = Run.load(workdir)
+volume = run.eval_volumes("test")[0]
+_, rows, predictions = evaluate.evaluate(run, [volume])
+prediction = predictions[0]
+print(f"{volume.subject}: {run.config.translator.samples} draws of "
+      f"{run.config.translator.sample_steps} steps per slice, step {run.step}")
+for name in ("model", "baseline"):
+  print(f"  {name:9s}", "  ".join(f"{k} {rows[0][f'{name}_{k}']:.4f}"
+                                  for k in evaluate.METRIC_KEYS))
 
-protocol = evaluate.protocol_for(config.data.target)
-to_unit = lambda unit: evaluate.to_physical(unit, volume.target_params, protocol)
-target = to_unit(volume.target[..., 0])
-mask = volume.mask[..., 0]
-predicted = to_unit(prediction.mean[..., 0])
-std = evaluate.std_to_physical(prediction.std[..., 0], volume.target_params, protocol)
-for name, estimate in (("model", predicted), ("baseline", to_unit(baseline(volume.source)[..., 0]))):
-  scores = metrics.score(estimate, target, mask, protocol=protocol)
-  print(f"{volume.subject} {name:9s}", "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+# %%
+# What training writes to images/: source | prediction | target | |error| | std.
+grid = figures.evaluation_grid(workdir / "quickstart_test.png", volume, prediction,
+                               target_modality=run.target, num_slices=3,
+                               stochastic=run.translator.stochastic,
+                               source_channel=run.recipe.centre_channel)
+display(Image(filename=grid))
 
 # %% [markdown]
-# ## Error and uncertainty maps
-# Where the draws disagree (high std) the model should also be wrong more often: the last
-# panel bins foreground voxels by predicted std and shows their mean absolute error.
+# ## Error and uncertainty
+# Where the draws disagree (high std) the model should also be wrong more often: foreground
+# voxels binned by predicted std, with their mean absolute error.
 
 # %%
-z = int(np.argmax(mask.sum(axis=(1, 2))))
-error = np.abs(predicted - target)
-panels = {"source (T1w)": (volume.source[z, ..., 0], dict(vmin=-1, vmax=1, cmap="gray")),
-          "prediction": (predicted[z], dict(vmin=0, vmax=1, cmap="gray")),
-          "target": (target[z], dict(vmin=0, vmax=1, cmap="gray")),
-          "|error|": (error[z] * mask[z], dict(vmin=0, vmax=0.25, cmap="magma")),
-          "std of draws": (std[z] * mask[z], dict(vmin=0, vmax=0.25, cmap="magma"))}
-fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.6 * (len(panels) + 1), 2.8))
+unit = lambda image: intensity.to_output_units(image[..., 0], volume.target_params, run.target)
+target, predicted = unit(volume.target), unit(prediction.mean)
+std = intensity.std_to_output_units(prediction.std[..., 0], volume.target_params, run.target)
+inside = volume.mask[..., 0] > 0.5
+error, spread = np.abs(predicted - target)[inside], std[inside]
+edges = np.quantile(spread, np.linspace(0, 1, 9))
+which = np.clip(np.digitize(spread, edges[1:-1]), 0, 7)
+bins = [b for b in range(8) if np.any(which == b)]
+fig, ax = plt.subplots(figsize=(4, 3))
+ax.plot([spread[which == b].mean() for b in bins], [error[which == b].mean() for b in bins],
+        "o-")
+ax.set_xlabel("std of draws ([0, 1])")
+ax.set_ylabel("mean |error| ([0, 1])")
+ax.set_title("error against uncertainty (foreground)")
+show(fig)
+
+# %% [markdown]
+# ## A file in, a file out
+# `medjax translate` is `infer.translate_file`: the run's recipe preprocesses a new file
+# (the same test subject, rendered at twice the training resolution as a scanner might
+# deliver it), the model translates its slices, and the result is written on the input's
+# grid and header, in output units, with the std of the draws beside it.
+
+# %%
+shape = tuple(2 * n for n in p.shape)
+scan = phantom.generate(p.seed, pipeline.phantom_split(run.config)["test"][0], shape=shape,
+                        spacing=phantom.fov_spacing(shape))
+nib.save(nib.Nifti1Image(scan["t1w"], scan["affine"]), workdir / "t1w.nii.gz")
+result = infer.translate_file(run, [workdir / "t1w.nii.gz"], workdir / "t2w.nii.gz",
+                              uncertainty=workdir / "t2w_std.nii.gz", progress=False)
+infer.report_time(volume.subject, result)
+written = {name: np.asarray(nib.load(workdir / f"{name}.nii.gz").dataobj)
+           for name in ("t2w", "t2w_std")}
+print(f"input {scan['t1w'].shape} → output {written['t2w'].shape}")
+truth = intensity.to_unit_interval(intensity.normalise(
+    scan["t2w"], intensity.fit(scan["t2w"], "t2w", scan["mask"])))
+z = shape[2] // 2
+panels = {"input T1w": (scan["t1w"], {"cmap": "gray"}),
+          "translated T2w": (written["t2w"], {"cmap": "gray", "vmin": 0, "vmax": 1}),
+          "phantom T2w": (truth, {"cmap": "gray", "vmin": 0, "vmax": 1}),
+          "std of draws": (written["t2w_std"], {"cmap": "magma", "vmin": 0, "vmax": 0.25})}
+fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
 for ax, (title, (image, style)) in zip(axes, panels.items()):
-  ax.imshow(np.rot90(image), **style)
+  ax.imshow(figures.display(image[:, :, z]), **style)
   ax.set_title(title)
   ax.axis("off")
-inside = mask > 0.5
-edges = np.quantile(std[inside], np.linspace(0, 1, 9))
-which = np.clip(np.digitize(std[inside], edges[1:-1]), 0, 7)
-centres = [std[inside][which == b].mean() for b in range(8) if np.any(which == b)]
-errors = [error[inside][which == b].mean() for b in range(8) if np.any(which == b)]
-axes[-1].plot(centres, errors, "o-")
-axes[-1].set_xlabel("std of draws")
-axes[-1].set_ylabel("mean |error|")
-axes[-1].set_title("error vs uncertainty")
-fig.tight_layout()
 show(fig)
+
+# %% [markdown]
+# ## Clean up
+# The temporary workdir goes; a `WORKDIR` you named stays: `medjax evaluate --workdir` /
+# `medjax translate --workdir` it, or run the notebook again with more `STEPS` to train on
+# (a run resumes when only its length changes: from `STEPS = 200` on, the warm-up is the
+# experiment's own 100 steps).
+
+# %%
+if WORKDIR is None:
+  shutil.rmtree(workdir, ignore_errors=True)
+  print(f"removed {workdir}")
+else:
+  print(f"kept {workdir}")

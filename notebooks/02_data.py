@@ -15,31 +15,44 @@
 # # Data: from a folder of NIfTI files to the batches a run trains on
 #
 # The one direction data flows in medjax: **layouts** find subjects and their modality
-# files → **volumes** are resampled and normalised → **shards** hold a subject-level split
-# of slice pairs → the grain **pipeline** shuffles, augments and batches them, each
+# files → **preprocess** resamples, crops and normalises each subject (the one function
+# `medjax prepare` and `medjax translate` share) → **shards** hold a subject-level split
+# of slice records → the grain **pipeline** shuffles, augments and batches them, each
 # process reading only its own rows of every global batch.
 #
 # The phantom, written as NIfTI files, stands in for a dataset folder here; point
 # `find_subjects` / `prepare` at IXI, BraTS, SynthRAD, BIDS or a CSV the same way.
-# `MEDJAX_NOTEBOOK_SIZE=tiny` makes everything small enough for CI.
+#
+# **Run time at the default parameters: about 10 seconds on 2 CPU cores** (measured whole,
+# kernel start to last cell: 0.14 min). The next cell holds the sizes.
+
+# %% tags=["parameters"]
+# Parameters: the cell to raise for a larger dataset (the tests replace it with tiny values).
+SIZE = "small"  # phantom grid and subject count of experiments/phantom.py: tiny | small | base
+WORKDIR = None  # None: a temporary folder, removed by the last cell; a path is kept
 
 # %%
 import io
-import os
 import pathlib
+import shutil
 import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Image, display
 
-from medjax.data import augment, layouts, phantom, pipeline, shards
+import medjax
+from medjax import config as config_lib
+from medjax import figures
+from medjax.data import augment, layouts, phantom, pipeline, prepare, records, shards
 
-TINY = os.environ.get("MEDJAX_NOTEBOOK_SIZE") == "tiny"
-WORKDIR = pathlib.Path(os.environ.get("MEDJAX_NOTEBOOK_WORKDIR")
-                       or tempfile.mkdtemp(prefix="medjax_data_"))
-SUBJECTS = 5 if TINY else 10
-SHAPE = (32, 32, 12) if TINY else (80, 80, 48)
+EXPERIMENT = pathlib.Path(medjax.__file__).resolve().parents[1] / "experiments" / "phantom.py"
+workdir = pathlib.Path(WORKDIR) if WORKDIR else pathlib.Path(
+    tempfile.mkdtemp(prefix="medjax_data_"))
+# The grid and subject count the experiment renders in memory at this size, so the shards
+# below are what `experiments/phantom.py:size=SIZE` trains on, from files.
+SHAPE = config_lib.SIZES[SIZE]["shape"]
+SUBJECTS = config_lib.SIZES[SIZE]["subjects"]
 
 
 def show(fig):
@@ -52,11 +65,11 @@ def show(fig):
 
 # %% [markdown]
 # ## A dataset folder
-# `medjax phantom --out DIR` writes the same files: one folder per subject with
-# `t1w, t2w, pd, flair, ct, mask .nii.gz` in RAS, 1 mm-ish voxels over the head.
+# `medjax phantom --output-dir DIR` writes the same files: one folder per subject with
+# `t1w, t2w, pd, flair, ct, mask .nii.gz` in RAS over the head.
 
 # %%
-root = WORKDIR / "phantom_nifti"
+root = workdir / "phantom_nifti"
 phantom.write_subjects(root, SUBJECTS, shape=SHAPE, spacing=phantom.fov_spacing(SHAPE),
                        progress=False)
 subjects = layouts.find_subjects("phantom", root)
@@ -69,36 +82,49 @@ print(f"… {len(subjects)} subjects; layouts known: {', '.join(sorted(layouts.L
 # `prepare` (= `medjax prepare`) splits by subject — no subject has slices on both sides
 # of the train/test line — resamples to one grid, normalises each modality
 # (MR: robust percentiles inside the body → [-1, 1]; CT: HU window → [-1, 1]) and writes one
-# ArrayRecord shard of foreground slices per subject, plus `manifest.json`.
+# ArrayRecord shard of foreground slices per subject, beside its geometry and
+# normalisation, plus `manifest.json` with the recipe `medjax translate` repeats.
 
 # %%
-out = WORKDIR / "shards"
-size = SHAPE[0]
-manifest = shards.prepare("phantom", root, out, sources=["t1w"], target=["ct"],
-                          spacing=phantom.fov_spacing(SHAPE), size=size, progress=False)
+out = workdir / "shards"
+manifest = prepare.prepare("phantom", root, out, sources=["t1w"], targets=["ct"],
+                           spacing=phantom.fov_spacing(SHAPE), size=SHAPE[:2],
+                           fractions=(0.8, 0.1, 0.1), progress=False)
 print(manifest["command"])
+print("recipe:            ", shards.recipe(out))
 print("subjects per split:", manifest["counts"]["subjects"])
 print("slices per split:  ", manifest["counts"]["slices"])
-for split in shards.SPLITS:
+for split in prepare.SPLITS:
   print(f"{split:5s}", [p.name for p in shards.shard_paths(out, split)])
+
+# %% [markdown]
+# A record is int16 fixed point on [-1, 1] (`medjax.data.records`): two bytes a pixel, at
+# most 1.5e-5 off (0.03 HU on the CT window), and a header that makes it decode on its own.
 
 # %%
 train_slices = shards.ShardSlices(out, "train")
-records = [train_slices[i] for i in range(len(train_slices))]
+train_records = [train_slices[i] for i in range(len(train_slices))]
+first = train_records[0]
+ramp = np.linspace(-1, 1, first["source"].size, dtype=np.float32).reshape(first["source"].shape)
+encoded = records.encode({**first, "source": ramp})
+print(f"{records.STORAGE}: {len(encoded)} bytes a record, "
+      f"{sum(first[k].nbytes for k in ('source', 'target', 'mask'))} as float32; "
+      f"largest error on a ramp: {np.abs(records.decode(encoded)['source'] - ramp).max():.2g}")
+
 # Four records of different subjects, each its subject's slice with the most head in it.
 largest = {}
-for index, r in enumerate(records):
+for index, r in enumerate(train_records):
   area = r["mask"].sum()
   if area > largest.get(int(r["subject"]), (-1, None))[0]:
     largest[int(r["subject"])] = (area, index)
 picks = [index for _, index in list(largest.values())[:4]]
-fig, axes = plt.subplots(3, len(picks), figsize=(2.4 * len(picks), 7.2))
+fig, axes = plt.subplots(3, len(picks), figsize=(2.4 * len(picks), 7.2), squeeze=False)
 for column, index in enumerate(picks):
-  record = records[index]
-  for row, (key, style) in enumerate((("source", dict(vmin=-1, vmax=1)),
-                                      ("target", dict(vmin=-1, vmax=1)),
-                                      ("mask", dict(vmin=0, vmax=1)))):
-    axes[row, column].imshow(np.rot90(record[key][..., 0]), cmap="gray", **style)
+  record = train_records[index]
+  for row, (key, style) in enumerate((("source", {"vmin": -1, "vmax": 1}),
+                                      ("target", {"vmin": -1, "vmax": 1}),
+                                      ("mask", {"vmin": 0, "vmax": 1}))):
+    axes[row, column].imshow(figures.display(record[key][..., 0]), cmap="gray", **style)
     axes[row, column].set_title(f"{key}  s{int(record['subject'])} z{int(record['slice'])}",
                                 fontsize=8)
     axes[row, column].axis("off")
@@ -112,17 +138,17 @@ show(fig)
 # the global stream, so a resumed run and a run on more processes see the same draws.
 
 # %%
-record = records[picks[0]]
+record = train_records[picks[0]]
 fig, axes = plt.subplots(2, 6, figsize=(13, 4.6))
 for column in range(6):
   augmented = record if column == 0 else augment.augment_record(
       record, np.random.default_rng(column), p_affine=0.7)
-  axes[0, column].imshow(np.rot90(augmented["source"][..., 0]), cmap="gray", vmin=-1, vmax=1)
-  axes[1, column].imshow(np.rot90(augmented["target"][..., 0]), cmap="gray", vmin=-1, vmax=1)
+  for row, key in enumerate(("source", "target")):
+    axes[row, column].imshow(figures.display(augmented[key][..., 0]), cmap="gray",
+                             vmin=-1, vmax=1)
   axes[0, column].set_title("original" if column == 0 else f"draw {column}", fontsize=9)
   for ax in axes[:, column]:
     ax.axis("off")
-axes[0, 0].set_ylabel("source")
 fig.suptitle("one record, augmented: top source (T1w), bottom target (CT)")
 show(fig)
 
@@ -150,8 +176,9 @@ print({k: (v.shape, v.dtype.name) for k, v in one.items()})
 
 fig, axes = plt.subplots(2, batch_size, figsize=(1.6 * batch_size, 3.6))
 for column in range(batch_size):
-  axes[0, column].imshow(np.rot90(one["source"][column, ..., 0]), cmap="gray", vmin=-1, vmax=1)
-  axes[1, column].imshow(np.rot90(one["target"][column, ..., 0]), cmap="gray", vmin=-1, vmax=1)
+  for row, key in enumerate(("source", "target")):
+    axes[row, column].imshow(figures.display(one[key][column, ..., 0]), cmap="gray",
+                             vmin=-1, vmax=1)
   axes[0, column].set_title(f"process {column // (batch_size // 2)}", fontsize=8)
   for ax in axes[:, column]:
     ax.axis("off")
@@ -160,8 +187,24 @@ show(fig)
 
 # %% [markdown]
 # ## Training on the shards
-# The experiment reads them with `data.kind='shards'`:
+# The experiment reads them with `data.kind='shards'`; the run checks, before any work,
+# that the shards hold the modalities it asks for.
 
 # %%
-print(f"medjax train --config experiments/phantom_mr_ct.py --workdir runs/mr_ct_shards "
-      f"--config.data.kind=shards --config.data.dir={out}")
+spec = f"{EXPERIMENT}:target=ct,size={SIZE}"
+config = config_lib.load(spec, ["data.kind=shards", f"data.dir={out}"])
+print("shards match the experiment:", pipeline.check_shards(config))
+print(f"medjax train --config experiments/phantom.py:target=ct,size={SIZE} "
+      f"--workdir runs/ct_shards --config.data.kind=shards --config.data.dir={out}")
+
+# %% [markdown]
+# ## Clean up
+# The temporary folder (NIfTI files and shards) goes; a `WORKDIR` you named stays, to train
+# on as above.
+
+# %%
+if WORKDIR is None:
+  shutil.rmtree(workdir, ignore_errors=True)
+  print(f"removed {workdir}")
+else:
+  print(f"kept {workdir}")

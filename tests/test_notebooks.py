@@ -9,15 +9,14 @@ that cell's traceback.
 
 import pathlib
 
-import pytest
-
 import jupytext
 import nbclient
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Notebook → the plots it must show (image/png outputs), and its tiny parameters.
 NOTEBOOKS = {
-    "01_quickstart": (4, {"SIZE": "tiny", "STEPS": 12}),
+    "01_quickstart": (5, {"SIZE": "tiny", "STEPS": 12}),
     "02_data": (3, {"SIZE": "tiny"}),
     # One method that samples (the sampling-steps curve) and one that does not; every
     # method has its own train-and-translate test in test_translators.py.
