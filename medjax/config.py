@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import runpy
 
 import ml_collections
@@ -299,20 +300,27 @@ def _parse_value(text: str, current, key: str):
 
 
 def _parse_sequence(text: str, current):
+  """`(1, 2)`, `[1, 2]`, `1,2` or `48x48x32` (numbers), `t1w,t2w` (names) → a tuple whose
+  elements take the type of `current`'s."""
   text = text.strip()
-  if text in ("()", "[]", ""):
-    return ()
-  if text[0] in "([":
+  if text[:1] in "([":
     values = ast.literal_eval(text)
-    values = values if isinstance(values, (tuple, list)) else (values,)
+    values = list(values) if isinstance(values, (tuple, list)) else [values]
   else:
-    values = [v for v in text.replace("x", ",").split(",")] if all(
-        c in "0123456789.,x-+e_ " for c in text) else text.split(",")
-    values = [_literal(v.strip()) for v in values if v.strip()]
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) == 1 and re.fullmatch(r"[\d.eE+-]+(x[\d.eE+-]+)+", parts[0]):
+      parts = parts[0].split("x")
+    values = [_literal(p) for p in parts]
   kind = type(current[0]) if len(current) else None
-  if kind in (int, float):
-    values = [kind(v) if kind is float or float(v) == int(v) else v for v in values]
+  if kind is int:
+    values = [int(v) if float(v) == int(float(v)) else _not_int(v) for v in values]
+  elif kind in (float, str):
+    values = [kind(v) for v in values]
   return tuple(values)
+
+
+def _not_int(value):
+  raise ValueError(f"{value!r} is not a whole number")
 
 
 def _literal(text: str):

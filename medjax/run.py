@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from medjax import baseline as baseline_lib
 from medjax import checkpoint as checkpoint_lib
@@ -106,9 +107,9 @@ class Run:
     recipe = recipe or pipeline.recipe(config)
     translator = translators.build(config)
     _, init = create_state(translator, config, mesh, recipe)
-    table = baseline_lib.IntensityMap(jax.numpy.linspace(-1, 1, 2).__array__(),
-                                      recipe.centre_channel)
-    return cls(None, config, recipe, table, translator,
+    identity = baseline_lib.IntensityMap(np.linspace(-1.0, 1.0, 2, dtype=np.float32),
+                                         recipe.centre_channel)  # nothing fitted: source as is
+    return cls(None, config, recipe, identity, translator,
                translator.inference_params(init()), 0, mesh)
 
   @property
