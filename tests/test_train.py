@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import pytest
 from medjax import cli, parallel, train
 
 from conftest import ROOT, tiny_config, tiny_spec
+
+IMAGE_NAME = re.compile(r"val_\d{6}\.png")  # images/<split>_<step, 6 digits>.png
 
 
 def write_experiment(tmp_path, config) -> str:
@@ -193,3 +196,18 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
   # Nothing from the diverged steps was checkpointed.
   checkpoints = workdir / "checkpoints"
   assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.name.isdigit()]
+
+
+def test_the_readme_describes_the_run_directory_as_written(flow_run):
+  workdir, _ = flow_run
+  text = (ROOT / "README.md").read_text()
+  block = text[text.index("runs/phantom_flow/\n"):]
+  block = block[:block.index("```")]
+  listed = {line.split()[0].split("/")[0] for line in block.splitlines()[1:]
+            if line.startswith("  ") and not line.startswith("   ")}
+  assert listed == set(os.listdir(workdir)), listed
+  example = IMAGE_NAME.search(block).group(0)  # the README's example picture name
+  written = os.listdir(os.path.join(workdir, "images"))
+  assert written and all(IMAGE_NAME.fullmatch(name) for name in written), written
+  assert IMAGE_NAME.fullmatch(example)
+
