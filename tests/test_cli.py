@@ -84,56 +84,6 @@ def test_config_prints_every_key_with_its_meaning_and_overrides(capsys):
   assert json.loads(out)["translator"]["name"] == "flow"
 
 
-@pytest.mark.slow
-def test_every_command_runs_in_process(tmp_path, capsys, monkeypatch):
-  """phantom → prepare → train (with overrides, in this process) → evaluate → translate →
-  score → config → sweep → compare, each through `cli.main` as a user types it."""
-  monkeypatch.chdir(ROOT)
-  data, shards, workdir = tmp_path / "data", tmp_path / "shards", tmp_path / "run"
-  assert run(capsys, "phantom", "--output-dir", data, "--subjects", "5",
-             "--shape", "32x32x12")[0] == 0
-  assert run(capsys, "prepare", "--layout", "phantom", "--input-dir", data,
-             "--output-dir", shards, "--source", "t1w", "--target", "t2w", "--spacing", "5x5x8",
-             "--size", "32x32", "--fractions", "0.6,0.2,0.2")[0] == 0
-  code, out, err = run(capsys, "train", "--config", "experiments/brats_t1_t2.py:method=regression",
-                       "--workdir", workdir, f"--config.data.dir={shards}",
-                       "--config.train.total_steps=3", "--config.train.batch_size", "4",
-                       "--config.model.channels=8", "--config.model.channel_mult=1,2",
-                       "--config.model.num_res_blocks=1", "--config.model.attention_levels=()",
-                       "--config.data.workers=0", "--config.logging.progress=false",
-                       "--config.eval.every=3", "--config.checkpoint.every=3")
-  assert code == 0, err
-  saved = json.loads((workdir / "config.json").read_text())
-  assert saved["train"]["total_steps"] == 3 and saved["data"]["dir"] == str(shards)
-  assert saved["model"]["channel_mult"] == [1, 2] and saved["model"]["attention_levels"] == []
-  assert "results:" in out
-
-  code, out, err = run(capsys, "evaluate", "--workdir", workdir, "--split", "test")
-  assert code == 0 and "held-out test" in out, err
-  test_subject = json.loads((shards / "manifest.json").read_text())["splits"]["test"][0]
-  prediction = tmp_path / "out" / f"{test_subject}.nii.gz"
-  code, out, err = run(capsys, "translate", "--workdir", workdir, "--input",
-                       data / test_subject / "t1w.nii.gz", "--output", prediction)
-  assert code == 0 and prediction.exists(), err
-  code, out, err = run(capsys, "score", "--pred-dir", tmp_path / "out", "--target-dir", data,
-                       "--layout", "phantom", "--target", "t2w", "--protocol", "mri")
-  # the other four subjects have no prediction: scored one, the rest reported (status 1)
-  assert code == 1 and f"{test_subject}" in out and "1 subject(s) scored" in out
-  assert run(capsys, "config", tiny_spec("bridge"), "--config.seed=3")[0] == 0
-
-  grid = tmp_path / "grid.py"
-  grid.write_text("from medjax.sweep import sweep\n"
-                  "def get_sweep():\n  return sweep('train.learning_rate', [1e-3, 2e-3])\n")
-  code, out, err = run(capsys, "sweep", "--config", tiny_spec("regression"), "--sweep", grid,
-                       "--workdir", tmp_path / "sweep", "--dry-run")
-  assert code == 0 and out.count("to run") == 2, err
-  code, out, err = run(capsys, "compare", "--experiments", tiny_spec("regression"),
-                       "--workdir", tmp_path / "compare", "--train-steps", "2",
-                       "--sweep-steps", "", "--image-slices", "1")
-  assert code == 0 and "intensity map (baseline)" in out, err
-  assert (tmp_path / "compare" / "compare.md").exists()
-
-
 def test_an_empty_split_is_said_before_any_training(tmp_path, capsys):
   """Two subjects leave no validation or test subject: `phantom` warns, `prepare` warns,
   and `train` refuses before it creates anything (it used to train, then crash)."""

@@ -19,7 +19,7 @@ from medjax import cli, parallel, train
 
 from conftest import ROOT, tiny_config, tiny_spec
 
-IMAGE_NAME = re.compile(r"val_\d{6}\.png")  # images/<split>_<step, 6 digits>.png
+IMAGE_NAME = re.compile(r"(val|test)_\d{6}\.png")  # images/<split>_<step, 6 digits>.png
 
 
 def write_experiment(tmp_path, config) -> str:
