@@ -8,10 +8,13 @@ This module only dispatches. Each command parses its own flags (the shared gramm
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 from medjax.commands import COMMANDS, common
-from medjax.errors import MedjaxError, UserError
+from medjax import errors
+from medjax.errors import MedjaxError
 
 USAGE = """usage: medjax <command> [options]        (medjax <command> --help for its options)
 
@@ -30,8 +33,9 @@ flags: hyphenated (--batch-size; --batch_size is read too); --X names a file or 
 modality, --X-dir a folder; sizes and spacings are written 160x160x96, 1x1x2.5.
 
 exit status: 0 done · 1 partly done (some subjects or sweep points failed, the others
-were written) or the run stopped (e.g. a non-finite loss) · 2 the request cannot run as
-asked (a flag, config key or input file; nothing was written) · 130 interrupted."""
+were written) or the run stopped (e.g. a non-finite loss, a full disk) · 2 the request
+cannot run as asked (a flag, config key, input file, a folder in use or not writable;
+nothing was written) · 130 interrupted (Ctrl-C or SIGTERM)."""
 
 
 def usage() -> str:
@@ -52,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   module = importlib.import_module(f"medjax.commands.{name}")
   parser = common.Parser(prog=f"medjax {name}", renamed=getattr(module, "RENAMED", {}))
+  # SIGTERM (a cluster's scheduler, `sweep` stopping its trainers) ends a command like
+  # Ctrl-C: the pending checkpoint is finished, temporaries go and the folder's lock is
+  # released (medjax/lock.py), which a plain SIGTERM death would leave behind.
+  previous = _sigterm(_interrupt)
   try:
     module.add_arguments(parser)
     if getattr(module, "OVERRIDES", False):
@@ -65,13 +73,31 @@ def main(argv: list[str] | None = None) -> int:
   except MedjaxError as error:
     print(f"medjax {name}: error: {_one_line(error)}", file=sys.stderr)
     return error.exit_status
-  except (FileNotFoundError, NotADirectoryError, PermissionError) as error:
-    print(f"medjax {name}: error: {_one_line(error)}", file=sys.stderr)
-    return UserError.exit_status
+  except OSError as error:
+    if error.errno is None:  # a library's complaint, not the system's: a bug, shown whole
+      raise
+    # The system's word on a path: 2 if the path cannot be used as given, 1 if the
+    # system gave out while writing (docs/design.md, "Command line").
+    print(f"medjax {name}: error: {_one_line(errors.os_error_line(error))}", file=sys.stderr)
+    return errors.os_error_status(error)
   except KeyboardInterrupt:
     print(f"medjax {name}: interrupted; the last complete checkpoint and files are kept",
           file=sys.stderr)
     return 130
+  finally:
+    _sigterm(previous)
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
+def _sigterm(handler):
+  """Install `handler` for SIGTERM; the previous one. Only the main thread may (a
+  command run from another thread keeps the default)."""
+  if handler is None or threading.current_thread() is not threading.main_thread():
+    return None
+  return signal.signal(signal.SIGTERM, handler)
 
 
 def _one_line(error: Exception) -> str:

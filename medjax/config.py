@@ -426,10 +426,6 @@ def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
-
-
 def experiment_differences(saved: dict, current: dict) -> list[str]:
   """Dotted keys whose values differ, ignoring those a resumed run may change."""
   def resumable(key):

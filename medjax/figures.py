@@ -181,15 +181,21 @@ def markdown(subjects_metrics: list[tuple[str, dict]], protocol: str) -> str:
            "|---|" + "---:|" * len(names) + "---|"]
   for sid, values in subjects_metrics:
     cells = [f"{values[k]:.4f}" if k in values else "" for k in names]
-    lines.append(f"| {sid} | " + " | ".join(cells) + f" | [png]({files.safe_stem(sid)}.png) |")
+    lines.append(f"| {_md(sid)} | " + " | ".join(cells)
+                 + f" | [png]({files.safe_stem(sid)}.png) |")
   if subjects_metrics and names:
     for label, reduce in (("mean", np.mean), ("median", np.median)):
       cells = [f"{reduce([v[k] for _, v in subjects_metrics if k in v]):.4f}" for k in names]
       lines.append(f"| **{label}** | " + " | ".join(cells) + " | |")
   lines.append("")
   for sid, _ in subjects_metrics:
-    lines += [f"## {sid}", "", f"![{sid}]({files.safe_stem(sid)}.png)", ""]
+    lines += [f"## {_md(sid)}", "", f"![{_md(sid)}]({files.safe_stem(sid)}.png)", ""]
   return "\n".join(lines)
+
+
+def _md(text) -> str:
+  """A subject id as one Markdown table cell: a newline or `|` in it would break the table."""
+  return " ".join(str(text).split()).replace("|", "\\|").replace("]", "\\]")
 
 
 def evaluation_subjects(volumes, predictions, rows, target_modality: str,

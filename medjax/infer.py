@@ -15,6 +15,7 @@ used: what evaluation scored is what a user gets.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from medjax import evaluate, files, modalities, parallel
 from medjax.data import intensity, layouts, volumes
 from medjax.data.preprocess import preprocess, to_original
-from medjax.errors import UserError
+from medjax.errors import DISK_ERRNOS, NonFiniteError, UserError
 
 INDEX = "translations.json"  # directory mode: what was written from what (read by `score`)
 TRANSLATE_SEED_OFFSET = 20_000_003
@@ -63,11 +64,14 @@ def to_output(mean: np.ndarray, std: np.ndarray | None, geometry: dict, target: 
 def translate_file(run, inputs, output, *, uncertainty=None, mask=None,
                    steps: int | None = None, samples: int | None = None,
                    batch_size: int | None = None, seed: int | None = None,
-                   progress: bool = True, name: str | None = None) -> dict:
+                   progress: bool = True, name: str | None = None,
+                   max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS) -> dict:
   """Translate one subject's source files into `output` (and its std into `uncertainty`).
 
   `inputs` are the source files in the run's source order; `mask`, if given, replaces
-  the automatic body mask. Returns {"slices", "seconds", "output", "uncertainty"}.
+  the automatic body mask. A volume of more than `max_voxels` voxels (on disk, or on the
+  run's grid) is refused before it is read. Returns {"slices", "seconds", "output",
+  "uncertainty"}.
   """
   start = time.perf_counter()
   sources = run.recipe.sources
@@ -76,7 +80,8 @@ def translate_file(run, inputs, output, *, uncertainty=None, mask=None,
     raise UserError(f"the model takes {len(sources)} input(s) ({', '.join(sources)}),"
                     f" got {len(inputs)}: {' '.join(map(str, inputs))}")
   given = dict(zip(sources, inputs)) | ({"mask": Path(mask)} if mask else {})
-  prepared = preprocess(given, run.recipe, subject_id=name or inputs[0].name, targets=False)
+  prepared = preprocess(given, run.recipe, subject_id=name or inputs[0].name, targets=False,
+                        max_voxels=max_voxels)
   if prepared.geometry["body_cropped"] > 0.005:
     print(f"medjax translate: {name or inputs[0]}: the run's {'x'.join(map(str, run.recipe.size))}"
           f" slices cut off {100 * prepared.geometry['body_cropped']:.1f} % of the body; "
@@ -88,6 +93,7 @@ def translate_file(run, inputs, output, *, uncertainty=None, mask=None,
                                desc=name or inputs[0].name, progress=progress)
   volume, spread = to_output(mean, std if uncertainty else None, prepared.geometry,
                              run.target)
+  refuse_non_finite(output, volume, spread)
   volumes.save_like(volume, inputs[0], output)
   if uncertainty:
     volumes.save_like(spread, inputs[0], uncertainty)
@@ -95,10 +101,24 @@ def translate_file(run, inputs, output, *, uncertainty=None, mask=None,
           "output": str(output), "uncertainty": str(uncertainty) if uncertainty else None}
 
 
+def refuse_non_finite(output, volume: np.ndarray, spread: np.ndarray | None) -> None:
+  """NaN or Inf is never written to a NIfTI (a viewer shows it as a plausible image, a
+  metric turns NaN): a `NonFiniteError` before either file is written."""
+  for what, values in (("output", volume), ("std", spread)):
+    if values is not None and not np.isfinite(values).all():
+      bad = int(values.size - np.isfinite(values).sum())
+      raise NonFiniteError(
+          f"{output}: the model's {what} is not finite in {bad} of {values.size} voxels "
+          "(NaN/Inf); nothing was written. The run's parameters may be damaged (try an "
+          "earlier --checkpoint), or the input is far outside what it was trained on")
+
+
 def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **options):
   """Every subject of a dataset folder → OUT/<id>.nii.gz (+ OUT/<id>_std.nii.gz with
   samples ≥ 2) and OUT/translations.json. A bad subject is reported and skipped; subject
-  ids become safe file names, so nothing is written outside `output_dir`.
+  ids become safe file names, so nothing is written outside `output_dir`. A full or
+  read-only output disk stops the run with that `OSError` (the volumes written so far are
+  complete), and so does a non-finite model output (`NonFiniteError`).
 
   Returns (done: {id: entry}, failed: {id: reason}).
   """
@@ -112,9 +132,16 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
   from medjax.data.prepare import refuse_shared_stems
   refuse_shared_stems([s.id for s in subjects], f"{layout} subjects under {input_dir}")
   output_dir = Path(output_dir)
+  files.remove_stale(output_dir)  # a killed earlier run's half-written volumes
   sources = run.recipe.sources
   samples = options.get("samples") or run.config.translator.samples
   with_std = samples > 1
+  stems = {files.safe_stem(s.id): s.id for s in subjects}
+  clash = [stem for stem in stems if with_std and stem.endswith("_std") and stem[:-4] in stems]
+  if clash:  # subject `a`'s std would overwrite subject `a_std`'s volume
+    raise UserError(f"subjects {stems[clash[0][:-4]]!r} and {stems[clash[0]]!r} under "
+                    f"{input_dir}: the std of the first would be written as the second "
+                    f"({clash[0]}.nii.gz); rename one, or translate with --samples 1")
   done, failed = {}, {}
   for subject in subjects:
     missing = subject.missing(sources)
@@ -130,6 +157,8 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
       result = translate_file(run, inputs, output, uncertainty=uncertainty,
                               mask=subject.files.get("mask"), name=subject.id, **options)
     except (UserError, ValueError, OSError) as error:
+      if isinstance(error, OSError) and _output_fault(error, output_dir):
+        raise  # a full or read-only disk: every later subject would fail alike
       failed[subject.id] = str(error)
       log(f"medjax translate: {subject.id}: {error}")
       continue
@@ -144,6 +173,15 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
            "subjects": done, "failed": failed}
   files.write_json(output_dir / INDEX, index, indent=1)
   return done, failed
+
+
+def _output_fault(error: OSError, output_dir: Path) -> bool:
+  """The output folder cannot take the file (full, over quota, too large, read-only,
+  not writable) — not an input that could not be read."""
+  if error.errno in (errno.EACCES, errno.EPERM):
+    return error.filename is not None and Path(error.filename).resolve().is_relative_to(
+        output_dir.resolve())
+  return error.errno in DISK_ERRNOS
 
 
 def report_time(name: str, result: dict) -> None:

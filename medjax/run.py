@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 
 from medjax import baseline as baseline_lib
 from medjax import checkpoint as checkpoint_lib
-from medjax import config as config_lib
 from medjax import files, metrics, parallel, translators
 from medjax.data import pipeline
 from medjax.data.preprocess import Recipe
@@ -35,10 +34,7 @@ def load_config(workdir):
   path = Path(workdir) / CONFIG
   if not path.is_file():
     raise WorkdirError(f"{path} does not exist: is {workdir} a medjax run directory?")
-  try:
-    return config_lib.from_json(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise WorkdirError(f"{path}: not a readable config ({error})") from None
+  return ml_collections.ConfigDict(files.read_json(path, dict))
 
 
 def create_state(translator, config, mesh, recipe: Recipe):
@@ -87,8 +83,14 @@ class Run:
       if not path.is_file():
         raise WorkdirError(f"{path} does not exist: {workdir} was not written by this medjax "
                            "(train it again, or in a new --workdir)")
-    recipe = Recipe.from_dict(json.loads(recipe_path.read_text()))
-    baseline = baseline_lib.IntensityMap.from_dict(json.loads(baseline_path.read_text()))
+    try:
+      recipe = Recipe.from_dict(files.read_json(recipe_path, dict))
+    except (KeyError, TypeError, ValueError) as error:
+      raise WorkdirError(f"{recipe_path}: not a preprocessing recipe ({error})") from None
+    try:
+      baseline = baseline_lib.IntensityMap.from_dict(files.read_json(baseline_path, dict))
+    except (KeyError, TypeError, ValueError) as error:
+      raise WorkdirError(f"{baseline_path}: not a fitted baseline ({error})") from None
     mesh = mesh or parallel.make_mesh()
     translator = translators.build(config)
     abstract, _ = create_state(translator, config, mesh, recipe)

@@ -17,7 +17,8 @@ target's automatic body mask (`mask.body_mask`) is the scoring region.
 from __future__ import annotations
 
 import dataclasses
-import json
+import errno
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,32 +43,55 @@ class Case:
   std: Path | None = None
 
 
+def read_index(directory) -> dict | None:
+  """translate's `translations.json` in `directory` (None if there is none), checked:
+  {"subjects": {id: {"prediction": file, "std": file or None, "sources": [file…]}}}."""
+  index = Path(directory) / INDEX
+  if not index.exists():
+    return None
+  value = files.read_json(index, dict)
+  subjects = value.get("subjects")
+  if not isinstance(subjects, dict):
+    raise UserError(f"{index}: no 'subjects' object; it is damaged (translate again)")
+  for sid, entry in subjects.items():
+    ok = (isinstance(entry, dict) and isinstance(entry.get("prediction"), str)
+          and isinstance(entry.get("std"), (str, type(None)))
+          and isinstance(entry.get("sources", []), list)
+          and all(isinstance(s, str) for s in entry.get("sources", [])))
+    if not ok:
+      raise UserError(f"{index}: the entry of subject {sid!r} is damaged (translate again)")
+  return value
+
+
 def image_files(directory) -> dict[str, Path]:
   """{subject: file} for every volume under `directory`; the subject is the relative
-  path without its suffix. With a `translations.json` (translate's index) its entries."""
+  path without its suffix. With a `translations.json` (translate's index) its entries.
+  Symlinked folders are followed, each folder once (`layouts.walk`)."""
   directory = Path(directory)
   if not directory.is_dir():
-    raise FileNotFoundError(f"directory {directory} does not exist")
-  index = directory / INDEX
-  if index.exists():
-    entries = json.loads(index.read_text())["subjects"]
-    return {sid: directory / entry["prediction"] for sid, entry in entries.items()}
-  found = {}
-  for path in sorted(directory.rglob("*")):
-    name = path.name.lower()
-    suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
-    if suffix and path.is_file() and not name.startswith(files.TMP_PREFIX):
-      found[path.relative_to(directory).as_posix()[:-len(suffix)]] = path
-  return found
+    raise FileNotFoundError(errno.ENOENT, "directory does not exist", str(directory))
+  index = read_index(directory)
+  if index is not None:
+    return {sid: directory / entry["prediction"] for sid, entry in index["subjects"].items()}
+  found, notes = {}, []
+  for folder, _, filenames in layouts.walk(directory, notes):
+    for filename in filenames:
+      path, name = folder / filename, filename.lower()
+      suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+      if suffix and path.is_file() and not name.startswith(files.TMP_PREFIX):
+        found[path.relative_to(directory).as_posix()[:-len(suffix)]] = path
+  for note in notes:
+    print(f"medjax score: {note}", file=sys.stderr)
+  return dict(sorted(found.items()))
 
 
 def translation_extras(directory) -> dict[str, dict]:
   """{subject: {"source": path, "std": path}} from translate's index, if there is one."""
-  index = Path(directory) / INDEX
-  if not index.exists():
+  index = read_index(directory)
+  if index is None:
     return {}
   extras = {}
-  for sid, entry in json.loads(index.read_text())["subjects"].items():
+  for sid, entry in index["subjects"].items():
     extras[sid] = {"source": Path(entry["sources"][0]) if entry.get("sources") else None,
                    "std": Path(directory) / entry["std"] if entry.get("std") else None}
   return extras
@@ -94,7 +118,8 @@ def cases(pred_dir, target_dir, mask_dir=None, *, layout=None, modality=None) ->
 
 
 def load_case(case: Case, *, protocol: str, modality: str | None = None,
-              pred_scale: str = "unit") -> dict:
+              pred_scale: str = "unit",
+              max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS) -> dict:
   """Pred, target and mask as arrays on one grid, in the protocol's units; a `UserError`
   naming the file for whatever is missing, unreadable, on another grid, or empty."""
   if case.pred is None:
@@ -107,7 +132,7 @@ def load_case(case: Case, *, protocol: str, modality: str | None = None,
     if path is None:
       continue
     try:
-      arrays[name], arrays[name + "_affine"] = volumes.load(path)
+      arrays[name], arrays[name + "_affine"] = volumes.load(path, max_voxels)
     except volumes.VolumeError as error:
       raise UserError(f"{path}: {error.reason}") from None
   target, affine = arrays["target"], arrays["target_affine"]
@@ -137,12 +162,14 @@ def load_case(case: Case, *, protocol: str, modality: str | None = None,
   return {"pred": pred, "target": target, "mask": mask, "affine": affine}
 
 
-def score_cases(all_cases, *, protocol: str, modality=None, pred_scale="unit", log=None):
+def score_cases(all_cases, *, protocol: str, modality=None, pred_scale="unit", log=None,
+                max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS):
   """Per-subject rows and {subject: reason} for those that could not be scored."""
   rows, failed = [], {}
   for case in all_cases:
     try:
-      loaded = load_case(case, protocol=protocol, modality=modality, pred_scale=pred_scale)
+      loaded = load_case(case, protocol=protocol, modality=modality, pred_scale=pred_scale,
+                         max_voxels=max_voxels)
       row = {"subject": case.id, **metrics.score(loaded["pred"], loaded["target"],
                                                  loaded["mask"], protocol=protocol)}
     except (UserError, ValueError) as error:
@@ -182,20 +209,33 @@ def format_table(rows, result: dict) -> str:
 
 # --- report ----------------------------------------------------------------------------
 
-def report_subjects(all_cases, rows, *, protocol, modality=None, pred_scale="unit"):
+def report_subjects(all_cases, rows, *, protocol, modality=None, pred_scale="unit",
+                    max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS):
   """`figures.Subject`s (RAS voxel order) of the scored cases."""
   by_id = {c.id: c for c in all_cases}
   for row in rows:
     case = by_id[row["subject"]]
-    loaded = load_case(case, protocol=protocol, modality=modality, pred_scale=pred_scale)
+    loaded = load_case(case, protocol=protocol, modality=modality, pred_scale=pred_scale,
+                       max_voxels=max_voxels)
     affine = loaded["affine"]
     ras = lambda v: None if v is None else volumes.to_ras(np.asarray(v, np.float32), affine)[0]
     extra = {}
     for name in ("source", "std"):
       path = getattr(case, name)
-      extra[name] = ras(volumes.load(path)[0]) if path is not None and path.exists() else None
+      extra[name] = (ras(_optional_volume(path, affine, loaded["target"].shape, max_voxels))
+                     if path is not None and path.exists() else None)
     yield figures.Subject(
         id=case.id, prediction=ras(loaded["pred"]), target=ras(loaded["target"]),
         mask=ras(loaded["mask"]), metrics={k: v for k, v in row.items() if k != "subject"},
         spacing=tuple(volumes.voxel_spacing(volumes.to_ras(loaded["target"], affine)[1])),
         **extra)
+
+
+def _optional_volume(path, affine, shape, max_voxels):
+  """The source or std a report shows beside a scored subject; None (no panel) when it is
+  unreadable or on another grid, since the scores do not depend on it."""
+  try:
+    data, data_affine = volumes.load(path, max_voxels)
+  except volumes.VolumeError:
+    return None
+  return data if volumes.same_grid(data.shape, data_affine, shape, affine) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -19,7 +20,7 @@ from medjax import baseline as baseline_lib
 from medjax import checkpoint as checkpoint_lib
 from medjax import config as config_lib
 from medjax import evaluate as evaluate_lib
-from medjax import files
+from medjax import files, lock
 from medjax import logging as logging_lib
 from medjax import parallel, translators
 from medjax.data import pipeline
@@ -67,6 +68,13 @@ def make_train_step(translator, mesh, abstract_state):
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
+def _first_process() -> bool:
+  return jax.process_index() == 0
+
+
+# One trainer per workdir (medjax/lock.py); in a multi-host run process 0 holds the lock
+# for all, as it alone writes the run's files.
+@lock.holding("workdir", "medjax train", when=_first_process)
 def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); the last val summary."""
   mesh = mesh or parallel.make_mesh()
@@ -82,7 +90,14 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                              max_to_keep=config.checkpoint.max_to_keep)
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(abstract, data_iter)
+    # A damaged latest checkpoint (files truncated or deleted) gives way to the previous
+    # good one; it is moved aside, not deleted, and a later save of its step works.
+    state, damaged = checkpointer.restore_good(abstract, data_iter)
+    for step, why in damaged:
+      moved = checkpointer.set_aside(step)
+      if jax.process_index() == 0:
+        print(f"medjax train: warning: checkpoint {step} is damaged ({why}); moved to "
+              f"{moved}; resuming from step {int(state.step)}", file=sys.stderr)
   else:
     state = init()
   start = int(state.step)
@@ -132,8 +147,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
         tick = time.perf_counter()  # steps/s measures training, not evaluation
   finally:
     bar.close()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.close()  # waits for the last save: its failure (a full disk) is raised
+    finally:
+      writer.close()
   if summary is None:  # resumed a finished run: report its last evaluation again
     run.params, run.step = translator.inference_params(state), start
     summary = evaluate_lib.evaluate_run(run, "val")

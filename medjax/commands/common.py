@@ -104,6 +104,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def add_max_voxels(parser) -> None:
+  """`--max-voxels N`: the one limit on the size of a volume a command reads."""
+  from medjax.data.volumes import DEFAULT_MAX_VOXELS
+  parser.add_argument(
+      "--max-voxels", type=positive_int, default=DEFAULT_MAX_VOXELS, metavar="N",
+      help=f"refuse a volume of more than N voxels, on disk or resampled to the model's "
+           f"grid, before it is read (default {DEFAULT_MAX_VOXELS} = 2**28, 1 GiB as "
+           "float32: a 512x512x1024 CT). Protects against damaged or hostile headers "
+           "(a 100-byte file can claim 10^12 voxels) exhausting memory")
+
+
 def split_overrides(extra: list[str], prog: str) -> list[str]:
   """`--config.KEY=VALUE` or `--config.KEY VALUE` among unparsed args → ["KEY=VALUE", …]."""
   overrides, i = [], 0

@@ -48,6 +48,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--register", choices=["none", "rigid"], default="none",
                       help="rigid: co-register off-grid modalities with SimpleITK first")
   parser.add_argument("--strict", action="store_true", help="any skipped subject is an error")
+  common.add_max_voxels(parser)
 
 
 def run(args) -> int:
@@ -55,5 +56,6 @@ def run(args) -> int:
   prepare.prepare(args.layout, args.input_dir, args.output_dir, args.source, args.target,
                   spacing=args.spacing, size=args.size, context=args.context,
                   fractions=args.fractions, seed=args.seed, workers=args.workers,
-                  strict=args.strict, register=None if args.register == "none" else args.register)
+                  strict=args.strict, register=None if args.register == "none" else args.register,
+                  max_voxels=args.max_voxels)
   return 0

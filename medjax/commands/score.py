@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ def add_arguments(parser) -> None:
   common.alias(parser, "--out", "output")
   parser.add_argument("--report-dir", help="also write a PNG per subject and report.md here")
   common.alias(parser, "--report", "report_dir")
+  common.add_max_voxels(parser)
 
 
 def _modality(args) -> str | None:
@@ -49,10 +49,14 @@ def _modality(args) -> str | None:
       raise UserError(f"--target is the target modality (ct, t2w, …); the folder "
                       f"{args.target} goes to --target-dir")
     return args.target
-  from medjax import infer
-  index = Path(args.pred_dir) / infer.INDEX
-  if index.exists():
-    return json.loads(index.read_text()).get("target")
+  from medjax import score
+  index = score.read_index(args.pred_dir)
+  if index is not None:
+    target = index.get("target")
+    if target is not None and not isinstance(target, str):
+      raise UserError(f"{Path(args.pred_dir) / score.INDEX}: 'target' is not a modality name;"
+                      " give --target")
+    return target
   return "ct" if args.protocol.startswith("synthrad") else None
 
 
@@ -66,7 +70,7 @@ def run(args) -> int:
   if not cases:
     raise UserError(f"no volumes in {args.pred_dir} or {args.target_dir}")
   rows, failed = score.score_cases(cases, protocol=args.protocol, modality=modality,
-                                   pred_scale=args.pred_scale,
+                                   pred_scale=args.pred_scale, max_voxels=args.max_voxels,
                                    log=lambda line: print(line, file=sys.stderr))
   if not rows:
     raise UserError(f"no subject could be scored ({len(failed)} failed; first:"
@@ -79,7 +83,8 @@ def run(args) -> int:
         + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
   if args.report_dir:
     page = figures.write_report(args.report_dir, score.report_subjects(
-        cases, rows, protocol=args.protocol, modality=modality, pred_scale=args.pred_scale),
+        cases, rows, protocol=args.protocol, modality=modality, pred_scale=args.pred_scale,
+        max_voxels=args.max_voxels),
         protocol=args.protocol)
     print(f"report: {page}")
   if failed:

@@ -44,6 +44,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--batch-size", type=common.positive_int,
                       help="slices per batch (default: the run's eval.batch_size)")
   parser.add_argument("--seed", type=int, help="seed of the draws (default: the run's seed)")
+  common.add_max_voxels(parser)
 
 
 def _check(args) -> None:
@@ -79,7 +80,7 @@ def run(args) -> int:
     raise UserError(f"--uncertainty needs 2 or more draws; the run samples {samples} "
                     "(give --samples)")
   options = dict(steps=args.sample_steps, samples=args.samples, batch_size=args.batch_size,
-                 seed=args.seed)
+                 seed=args.seed, max_voxels=args.max_voxels)
   if args.input:
     result = infer.translate_file(run, args.input, args.output, uncertainty=args.uncertainty,
                                   mask=args.mask, **options)

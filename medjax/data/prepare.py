@@ -5,6 +5,7 @@ Layout of OUT:
                                  normalisation, skipped subjects and why
   {train,val,test}/<id>.array_record   one shard per subject: its foreground slices
   {train,val,test}/<id>.json           that subject's geometry and normalisation
+  medjax.lock                    while a prepare runs (medjax/lock.py)
 
 One shard per subject makes resuming trivial: a subject is done when its shard exists,
 and a shard only exists once complete (`files.atomic_write`), so neither a crash nor
@@ -14,7 +15,6 @@ Ctrl-C leaves a file the loader would read. Every subject goes through
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import shlex
 import sys
@@ -22,16 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medjax import files, modalities
-from medjax.data import layouts, records
+from medjax import files, lock, modalities
+from medjax.data import layouts, records, shards
+from medjax.data.shards import MANIFEST, SHARD_SUFFIX, SPLITS
 from medjax.data.preprocess import Recipe, preprocess
-from medjax.data.volumes import VolumeError
-from medjax.errors import PartialFailure, UserError
+from medjax.data.volumes import DEFAULT_MAX_VOXELS, VolumeError
+from medjax.errors import DISK_ERRNOS, PartialFailure, UserError
 
-SPLITS = ("train", "val", "test")
 WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: random access, one record per read
-SHARD_SUFFIX = ".array_record"
-MANIFEST = "manifest.json"
 CROP_WARNING = 0.005  # share of the body mask a crop may cut before prepare says so
 
 
@@ -102,15 +100,21 @@ def _prepare_one(task: dict) -> dict:
   subject, split, out = task["subject"], task["split"], Path(task["out"])
   recipe = Recipe.from_dict(task["recipe"])
   try:
-    prepared = preprocess(subject.files, recipe, subject_id=subject.id)
+    prepared = preprocess(subject.files, recipe, subject_id=subject.id,
+                          max_voxels=task.get("max_voxels", DEFAULT_MAX_VOXELS))
     meta = {"subject": subject.id, "index": task["index"], "split": split,
             "sources": list(recipe.sources), "targets": list(recipe.targets),
             "geometry": prepared.geometry, "normalisation": prepared.normalisation,
             "slices": [int(z) for z in prepared.foreground_slices()]}
     shard = shard_path(out, split, subject.id)
     # The json goes first: a shard that exists always has its metadata next to it.
-    files.write_json(shard.with_suffix(".json"), meta, indent=None)
-    _write_shard(shard, prepared.records(recipe.context, task["index"]))
+    try:
+      files.write_json(shard.with_suffix(".json"), meta, indent=None)
+      _write_shard(shard, prepared.records(recipe.context, task["index"]))
+    except OSError as error:
+      if error.errno in DISK_ERRNOS:  # the output's fault: every subject would fail alike
+        return {"subject": subject.id, "stop": [error.errno, error.strerror, error.filename]}
+      raise
     return {"subject": subject.id, "meta": meta}
   except _Empty:
     return {"subject": subject.id, "skipped": "no slice with foreground"}
@@ -119,7 +123,19 @@ def _prepare_one(task: dict) -> dict:
     return {"subject": subject.id, "skipped": reason}
 
 
-def _command(settings: dict, recipe: Recipe, root, out) -> str:
+def _done_meta(shard: Path, subject_id: str, split: str) -> dict:
+  """The json of a shard an earlier run finished, checked: a damaged one is named."""
+  path = shards.meta_path(shard)
+  meta = shards.subject_meta(path)
+  if meta["subject"] != subject_id or meta.get("split", split) != split:
+    raise PrepareError(f"{path}: describes subject {meta['subject']!r} in {meta.get('split')!r},"
+                       f" not {subject_id!r} in {split!r}; delete it and its shard and run "
+                       "`medjax prepare` again")
+  return meta
+
+
+def _command(settings: dict, recipe: Recipe, root, out,
+             max_voxels=DEFAULT_MAX_VOXELS) -> str:
   args = ["medjax", "prepare", "--layout", settings["layout"], "--input-dir", str(root),
           "--output-dir", str(out), "--source", ",".join(recipe.sources),
           "--target", ",".join(recipe.targets),
@@ -130,6 +146,8 @@ def _command(settings: dict, recipe: Recipe, root, out) -> str:
           "--seed", str(settings["seed"])]
   if recipe.register:
     args += ["--register", recipe.register]
+  if max_voxels != DEFAULT_MAX_VOXELS:
+    args += ["--max-voxels", str(max_voxels)]
   return shlex.join(args)
 
 
@@ -167,15 +185,20 @@ def make_recipe(sources, targets, *, spacing=(1.0, 1.0, 1.0), size=256, context:
     raise PrepareError(str(error)) from None
 
 
+# One writer per output folder (medjax/lock.py): two runs would race for its shards.
+@lock.holding("out", "medjax prepare")
 def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0), size=256,
             context: int = 0, fractions=(0.8, 0.1, 0.1), seed: int = 0, workers: int = 1,
             strict: bool = False, register: str | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> dict:
   """Write shards and OUT/manifest.json; returns the manifest.
 
   Running again on the same `out` with the same settings only does the subjects that are
   not done yet. `strict` raises `PartialFailure` (after writing the manifest) if any
-  subject was skipped.
+  subject was skipped. A volume of more than `max_voxels` voxels (on disk, or resampled
+  to `spacing`) is a skipped subject, refused before it is allocated. A full or
+  read-only disk stops the run with an `OSError` naming the file (the shards written so
+  far stay complete); `out` is locked while it runs (medjax/lock.py).
   """
   root, out = Path(root).resolve(), Path(out)
   recipe = make_recipe(sources, targets, spacing=spacing, size=size, context=context,
@@ -198,7 +221,7 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
                                             if k != "mask"}}
   manifest_path = out / MANIFEST
   if manifest_path.exists():
-    previous = json.loads(manifest_path.read_text())
+    previous = shards.load_manifest(out)
     before = {"settings": previous.get("settings"),
               "recipe": {k: v for k, v in (previous.get("recipe") or {}).items() if k != "mask"}}
     if before != asked:
@@ -214,7 +237,7 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
   by_key = split_subjects([s.split_key for s in subjects], settings["fractions"], seed)
   split_of_key = {k: name for name, keys in by_key.items() for k in keys}
   planned = {s.id: split_of_key[s.split_key] for s in subjects}
-  manifest = {"version": 2, "command": _command(settings, recipe, root, out),
+  manifest = {"version": 2, "command": _command(settings, recipe, root, out, max_voxels),
               "root": str(root), "settings": settings, "recipe": recipe.to_dict(),
               "channels": _channels(recipe), "subjects": ids, "complete": False}
   for name in SPLITS:
@@ -227,14 +250,14 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
   for index, subject in enumerate(subjects):
     shard = shard_path(out, planned[subject.id], subject.id)
     if shard.exists():
-      done[subject.id] = json.loads(shard.with_suffix(".json").read_text())
+      done[subject.id] = _done_meta(shard, subject.id, planned[subject.id])
       continue
     reason = _missing_reason(subject, recipe.sources + recipe.targets)
     if reason:
       skipped.append({"subject": subject.id, "reason": reason})
       continue
     tasks.append({"subject": subject, "split": planned[subject.id], "index": index,
-                  "out": str(out), "recipe": recipe.to_dict()})
+                  "out": str(out), "recipe": recipe.to_dict(), "max_voxels": max_voxels})
 
   from tqdm import tqdm
   bar = tqdm(total=len(tasks), desc="prepare", unit="subject", disable=not progress)
@@ -279,6 +302,9 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
 def _collect(results, bar) -> list[dict]:
   collected = []
   for result in results:
+    if "stop" in result:  # a full or read-only disk stops the run (the pool is ended)
+      bar.close()
+      raise OSError(*result["stop"])
     collected.append(result)
     bar.update()
   return collected

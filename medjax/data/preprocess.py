@@ -23,6 +23,8 @@ Slices are axial: array axes (Z, H, W, C) with H along RAS x and W along RAS y.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 
 import nibabel.orientations as nio
@@ -32,6 +34,39 @@ from medjax import modalities
 from medjax.data import intensity, volumes
 from medjax.data.mask import body_mask
 from medjax.data.volumes import VolumeError
+
+MAX_CONTEXT = 64  # 2.5D neighbours each side; real recipes use 0 to 3
+MAX_SIZE = 16384  # in-plane voxels per side of a slice
+
+
+def _is_integer(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _names(field: str, value) -> tuple[str, ...]:
+  if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+    raise ValueError(f"{field}={value!r}: expected a non-empty list of modality names")
+  unknown = [m for m in value if not isinstance(m, str) or m not in modalities.ALL]
+  if unknown:
+    raise ValueError(f"{field}: {unknown[0]!r} is not a modality ({', '.join(modalities.ALL)})")
+  return tuple(value)
+
+
+def _numbers(field: str, value, count: int, kind) -> tuple:
+  if isinstance(value, (str, bytes)):
+    value = None
+  try:
+    values = list(value)
+  except TypeError:
+    values = None
+  ok = values is not None and len(values) == count and all(
+      isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+      and (kind is float or (float(v).is_integer() and v <= MAX_SIZE)) for v in values)
+  if not ok:
+    what = "whole numbers from 1 to " + str(MAX_SIZE) if kind is int else "finite numbers > 0"
+    raise ValueError(f"{field}={value!r}: expected {count} {what}")
+  return tuple(kind(v) for v in values)
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -47,13 +82,20 @@ class Recipe:
   mask: str = "auto"
 
   def __post_init__(self):
-    object.__setattr__(self, "sources", tuple(self.sources))
-    object.__setattr__(self, "targets", tuple(self.targets))
-    object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
-    object.__setattr__(self, "size", tuple(int(s) for s in self.size))
-    object.__setattr__(self, "context", int(self.context or 0))
+    # A recipe also comes from files (manifest.json, a run's preprocessing.json) that may
+    # be damaged: every field is checked here, so a bad one is a ValueError saying which.
+    object.__setattr__(self, "sources", _names("sources", self.sources))
+    object.__setattr__(self, "targets", _names("targets", self.targets))
+    object.__setattr__(self, "spacing", _numbers("spacing", self.spacing, 3, float))
+    object.__setattr__(self, "size", _numbers("size", self.size, 2, int))
+    context = 0 if self.context is None else self.context
+    if not _is_integer(context) or not 0 <= context <= MAX_CONTEXT:
+      raise ValueError(f"context={context!r}: expected a whole number from 0 to {MAX_CONTEXT}")
+    object.__setattr__(self, "context", int(context))
     if self.register not in (None, "rigid"):
       raise ValueError(f"register={self.register!r}: expected None or 'rigid'")
+    if not isinstance(self.mask, str):
+      raise ValueError(f"mask={self.mask!r}: expected a word (file, auto, phantom, mixed)")
 
   @property
   def source_channels(self) -> int:
@@ -70,7 +112,13 @@ class Recipe:
 
   @classmethod
   def from_dict(cls, values: Mapping) -> Recipe:
+    if not isinstance(values, Mapping):
+      raise ValueError(f"a recipe is a mapping of its fields, not {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+      raise ValueError(f"recipe without {', '.join(missing)}")
     return cls(**{k: v for k, v in values.items() if k in known})
 
   @classmethod
@@ -138,12 +186,23 @@ def _axial(volume: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.moveaxis(volume, 2, 0))  # (X, Y, Z…) → (Z, X, Y…)
 
 
+def refuse_constant(path, data: np.ndarray) -> None:
+  """A volume of one value (all zeros: a failed export, a blank series) has no body to
+  find and no contrast to scale or translate: a `VolumeError` saying so, before the
+  body mask would call it an empty mask."""
+  lo, hi = float(data.min()), float(data.max())
+  if lo == hi:
+    raise VolumeError(path, f"constant image: every voxel is {lo:g} (no body, no contrast)")
+
+
 def preprocess(files: Mapping, recipe: Recipe, *, subject_id: str = "",
-               targets: bool = True) -> PreparedSubject:
+               targets: bool = True,
+               max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS) -> PreparedSubject:
   """`files` ({modality: path}, optionally 'mask') → a `PreparedSubject`.
 
   With `targets=False` only the recipe's sources are read (translating a new file).
-  A missing or broken file is a `VolumeError` naming it.
+  A missing or broken file is a `VolumeError` naming it, and so is a volume of more than
+  `max_voxels` voxels, on disk or on the recipe's grid (None: no limit).
   """
   wanted = recipe.sources + (tuple(m for m in recipe.targets if m not in recipe.sources)
                              if targets else ())
@@ -152,15 +211,22 @@ def preprocess(files: Mapping, recipe: Recipe, *, subject_id: str = "",
     raise VolumeError(subject_id or next(iter(files.values()), "?"),
                       f"missing modality {', '.join(missing)}")
   reference = recipe.sources[0]
-  original, original_affine = volumes.load(files[reference])
+  original, original_affine = volumes.load(files[reference], max_voxels)
   ras, ras_affine = volumes.to_ras(original, original_affine)
   grid_affine, grid_shape = volumes.resized_grid(ras_affine, ras.shape, recipe.spacing)
+  # Coarse voxels on disk resampled to a fine --spacing multiply: checked before every
+  # modality is resampled onto that grid.
+  volumes.check_size(files[reference], grid_shape, max_voxels,
+                     f"resampled to {'×'.join(f'{s:g}' for s in recipe.spacing)} mm, it "
+                     "would be")
 
   on_grid, off_grid, registered = {}, [], []
   has_mask = files.get("mask") is not None
   for modality in wanted + (("mask",) if has_mask else ()):
     data, affine = (ras, ras_affine) if modality == reference else volumes.to_ras(
-        *volumes.load(files[modality]))
+        *volumes.load(files[modality], max_voxels))
+    if modality != "mask":
+      refuse_constant(files[modality], data)
     world = None
     if modality != reference and not volumes.same_grid(data.shape, affine, ras.shape,
                                                        ras_affine):

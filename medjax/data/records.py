@@ -39,6 +39,9 @@ def decode(data: bytes) -> dict:
   magic, height, width, cs, ct, subject, z = _HEADER.unpack_from(data)
   if magic != MAGIC:
     raise ValueError(f"not a medjax slice record (magic {magic!r})")
+  if not (height and width and cs and ct):
+    raise ValueError(f"a slice record of shape {height}×{width} with {cs} source and {ct} "
+                     "target channels holds nothing")
   pixels = height * width
   expected = _HEADER.size + 2 * pixels * (cs + ct) + pixels
   if len(data) != expected:
@@ -54,6 +57,9 @@ def decode(data: bytes) -> dict:
     return values.reshape(height, width, channels)
 
   source, target = unit(cs), unit(ct)
-  mask = np.frombuffer(data, np.uint8, pixels, offset).astype(np.float32)
+  codes = np.frombuffer(data, np.uint8, pixels, offset)
+  if codes.max() > 1:  # `encode` writes 0 or 1: anything else is damage
+    raise ValueError(f"mask byte {int(codes.max())} in a slice record (0 or 1 expected)")
+  mask = codes.astype(np.float32)
   return {"source": source, "target": target, "mask": mask.reshape(height, width, 1),
           "subject": np.int32(subject), "slice": np.int32(z)}
