@@ -324,8 +324,11 @@ def _orbax_leftover(event) -> bool:
   return False
 
 
-def abstract_like(tree, sharding):
-  """ShapeDtypeStructs carrying `sharding`: the restore target for a state of this shape."""
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying `shardings` (one per leaf): the restore target for a state
+  of this shape. Orbax reads each array into its target sharding, so a checkpoint saved on
+  one mesh restores on another (train on 8 devices, resume on 4, evaluate on 1)."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+      lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree,
+      shardings)
 

@@ -24,8 +24,9 @@ from medjax.errors import ConfigError
 
 # Keys that may change between a run and its resumption without making it another
 # experiment: train longer, evaluate or sample differently, log differently.
-RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "eval", "checkpoint", "logging",
-                  "translator.sample_steps", "translator.samples", "data.workers")
+RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.profile_steps", "eval",
+                  "checkpoint", "logging", "translator.sample_steps", "translator.samples",
+                  "data.workers", "mesh")
 
 HELP = {
     "seed": "seed of initialisation, data order, augmentation and sampling",
@@ -48,7 +49,13 @@ HELP = {
     "train.weight_decay": "AdamW decoupled weight decay",
     "train.grad_clip": "global gradient-norm clip",
     "train.ema_decay": "EMA decay of the parameters evaluation and translation use",
-    "train.log_every": "steps between logged training metrics",
+    "train.log_every": "steps between fetching, checking and logging the training metrics "
+                       "(the host runs ahead of the device in between)",
+    "train.profile_steps": "(START, COUNT): write a jax.profiler trace of COUNT steps from "
+                           "step START into WORKDIR/profile (TensorBoard / XProf); () off",
+    "mesh.data": "devices along the mesh's data axis (-1: the devices fsdp leaves)",
+    "mesh.fsdp": "devices along the fsdp axis: parameters and optimiser state sharded over "
+                 "them (1: replicated, plain data parallelism; -1: the devices data leaves)",
     "eval.every": "steps between held-out evaluations (and the last step)",
     "eval.batch_size": "slices per evaluation / translation batch",
     "eval.image_slices": "axial slices in each evaluation picture",
@@ -89,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.translator = translator_config("flow")
   config.train = ml_collections.ConfigDict({
       "total_steps": 1000, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 100,
-      "weight_decay": 1e-4, "grad_clip": 1.0, "ema_decay": 0.999, "log_every": 25})
+      "weight_decay": 1e-4, "grad_clip": 1.0, "ema_decay": 0.999, "log_every": 25,
+      "profile_steps": ()})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4})
   config.checkpoint = ml_collections.ConfigDict({"every": 250, "max_to_keep": 2})
   config.logging = ml_collections.ConfigDict({"progress": True})
@@ -355,6 +364,15 @@ def validate(config, num_devices: int = 1) -> None:
     group, name = key.split(".")
     if config[group][name] <= 0:
       raise ConfigError(f"{key}={config[group][name]} must be positive")
+  mesh = config.get("mesh")
+  if mesh is not None:
+    for key in ("data", "fsdp"):
+      if mesh[key] != -1 and mesh[key] < 1:
+        raise ConfigError(f"mesh.{key}={mesh[key]} must be a positive number of devices or -1")
+  profile = tuple(train.get("profile_steps", ()))
+  if profile and (len(profile) != 2 or min(profile) < 1):
+    raise ConfigError(f"train.profile_steps={profile}: expected (START, COUNT), both ≥ 1, "
+                      "or () for no trace")
   if not 0.0 <= train.ema_decay < 1.0:
     raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in [0, 1)")
   if data.kind == "phantom" and min(data.phantom.shape) < metrics.MIN_SIDE:

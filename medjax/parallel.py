@@ -1,12 +1,17 @@
-"""The device mesh and the shardings the trainer uses.
+"""The device mesh and the shardings the trainer uses (docs/design.md, "Mesh").
 
-One `data` axis spans every device of every process: the batch is split along it and
-the train state is replicated (an `fsdp` axis can be added later without touching the
-translators, which see shardings only where CycleGAN's history pool must be replicated).
+Two axes span every device of every process: `data` and `fsdp` (`mesh.data`,
+`mesh.fsdp`; -1 = the rest). The batch is split along both. Parameters and optimiser
+state are sharded along `fsdp` by one rule (`fsdp_spec`: the largest dimension the axis
+divides, as big_vision's and MaxText's FSDP rules) and replicated along `data`; with
+`fsdp = 1` (the default) that is plain data parallelism with the state replicated. The
+translators never see shardings (except CycleGAN's history pool, made replicated there).
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import math
 import os
 
@@ -14,31 +19,84 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medjax.errors import UserError
+from medjax.errors import ConfigError, UserError
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+# Arrays smaller than this stay replicated under FSDP: gathering them costs more in
+# latency than their memory is worth (biases, norms, the step counter).
+FSDP_MIN_SIZE = 2 ** 12
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh over the first `num_devices` devices (all of them by default)."""
+def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1):
+  """A (data, fsdp) mesh over the first `num_devices` devices (all by default); one of
+  `data`, `fsdp` may be -1: the devices the other leaves."""
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
       raise UserError(f"asked for {num_devices} devices, only {len(devices)} are visible")
     devices = devices[:num_devices]
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+  count = len(devices)
+  if data == -1 and fsdp == -1:
+    raise ConfigError("mesh.data and mesh.fsdp cannot both be -1")
+  if data == -1:
+    data = count // fsdp if fsdp > 0 and count % fsdp == 0 else 0
+  elif fsdp == -1:
+    fsdp = count // data if data > 0 and count % data == 0 else 0
+  if data < 1 or fsdp < 1 or data * fsdp != count:
+    raise ConfigError(f"mesh.data={data} × mesh.fsdp={fsdp} does not match the {count} "
+                      "devices (use -1 for the rest)")
+  # Auto axes: jit's in/out shardings fix the state's and the batch's layout and XLA
+  # propagates the rest (GSPMD-style FSDP, as big_vision and MaxText), so the backbones
+  # need no sharding annotations of their own.
+  return jax.make_mesh((data, fsdp), BATCH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def mesh_for(config, num_devices: int | None = None, *, fallback: bool = False):
+  """The mesh a config asks for (`mesh.data`, `mesh.fsdp`). With `fallback` (loading a
+  trained run on another machine), plain data parallelism over the devices there when
+  the config's shape does not fit them."""
+  mesh = config.get("mesh") if hasattr(config, "get") else None
+  if mesh is None:
+    return make_mesh(num_devices)
+  try:
+    return make_mesh(num_devices, data=int(mesh.data), fsdp=int(mesh.fsdp))
+  except ConfigError:
+    if not fallback:
+      raise
+    return make_mesh(num_devices)
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def fsdp_spec(shape, fsdp: int) -> P:
+  """Shard the largest dimension `fsdp` divides along the fsdp axis (ties: the last);
+  replicate arrays too small to be worth it, or that no dimension divides."""
+  if fsdp <= 1 or math.prod(shape) < FSDP_MIN_SIZE:
+    return P()
+  candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0]
+  if not candidates:
+    return P()
+  _, axis = max(candidates)
+  return P(*([None] * axis + [FSDP_AXIS]))
+
+
+def state_shardings(abstract_state, mesh):
+  """Each leaf of a (train) state's sharding: `fsdp_spec` along fsdp, replicated along data."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp)),
+                      abstract_state)
+
+
 def global_batch(local_batch: dict, mesh) -> dict:
-  """Host-local numpy batch → global jax arrays sharded on `data`.
+  """Host-local numpy batch → global jax arrays sharded along the batch axes.
 
   Each process holds only its own rows; jax assembles the global array from them,
   which is what makes the same code run on one CPU and on a multi-host pod.
@@ -94,3 +152,43 @@ def balanced_batch(depth: int, batch_size: int, devices: int) -> int:
     multiple = devices
   batches = -(-depth // max(batch_size, 1))
   return -(-(-(-depth // batches)) // multiple) * multiple
+
+
+class DevicePrefetch:
+  """Batches placed on the mesh `depth` steps ahead of the step that uses them, so the
+  host-to-device copy of the next batch overlaps the current step.
+
+  The grain iterator under it runs `depth` batches ahead of training; `get_state` gives
+  the position of the next batch *to be used*, which is what a checkpoint must store for
+  a restart to continue on exactly that batch (grain's `CheckpointSave` calls it).
+  """
+
+  def __init__(self, iterator, mesh, depth: int = 2):
+    self.iterator, self.mesh, self.depth = iterator, mesh, depth
+    self.queue = collections.deque()
+
+  def _fill(self):
+    while len(self.queue) < self.depth:
+      position = self.iterator.get_state()
+      self.queue.append((position, global_batch(next(self.iterator), self.mesh)))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._fill()
+    _, batch = self.queue.popleft()
+    self._fill()
+    return batch
+
+  # grain's CheckpointSave/Restore take any object with these: state as JSON bytes.
+  def get_state(self) -> bytes:
+    position = self.queue[0][0] if self.queue else self.iterator.get_state()
+    return json.dumps(position).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.queue.clear()
+    self.iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    """Nothing to start: batches are placed when asked for."""

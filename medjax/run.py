@@ -40,17 +40,17 @@ def load_config(workdir):
 def create_state(translator, config, mesh, recipe: Recipe):
   """The abstract state (for restoring) and a jitted, sharded initialiser (big_vision).
 
-  Shapes come from the recipe's example record, so no data is read to build them.
+  Shapes come from the recipe's example record, so no data is read to build them; each
+  leaf carries its sharding on `mesh` (`parallel.state_shardings`).
   """
   record = recipe.example_record()
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape), v.dtype)
            for k, v in record.items()}
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(translator.init, rng, batch)
-  sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
-  init = jax.jit(translator.init, out_shardings=sharding)
-  abstract = checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
-  return abstract, lambda: init(rng, batch)
+  shardings = parallel.state_shardings(abstract, mesh)
+  init = jax.jit(translator.init, out_shardings=shardings)
+  return checkpoint_lib.abstract_like(abstract, shardings), lambda: init(rng, batch)
 
 
 def save_artefacts(workdir, recipe: Recipe, baseline) -> None:
@@ -91,7 +91,7 @@ class Run:
       baseline = baseline_lib.IntensityMap.from_dict(files.read_json(baseline_path, dict))
     except (KeyError, TypeError, ValueError) as error:
       raise WorkdirError(f"{baseline_path}: not a fitted baseline ({error})") from None
-    mesh = mesh or parallel.make_mesh()
+    mesh = mesh or parallel.mesh_for(config, fallback=True)
     translator = translators.build(config)
     abstract, _ = create_state(translator, config, mesh, recipe)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
@@ -105,7 +105,7 @@ class Run:
   @classmethod
   def fresh(cls, config, *, mesh=None, recipe: Recipe | None = None) -> Run:
     """Freshly initialised parameters (timing, tests): the same object as a trained run."""
-    mesh = mesh or parallel.make_mesh()
+    mesh = mesh or parallel.mesh_for(config, fallback=True)
     recipe = recipe or pipeline.recipe(config)
     translator = translators.build(config)
     _, init = create_state(translator, config, mesh, recipe)
@@ -129,8 +129,11 @@ class Run:
     key = (steps, samples)
     if key not in self._compiled:
       fn = functools.partial(self.translator.translate, steps=steps, samples=samples)
+      # Parameters stay where training (or the restore) put them, sharded along fsdp
+      # or not; XLA gathers what each step needs. Slices are split along the batch axes.
+      params = parallel.state_shardings(self.params, self.mesh)
       self._compiled[key] = jax.jit(
-          fn, in_shardings=(parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh),
+          fn, in_shardings=(params, parallel.batch_sharding(self.mesh),
                             parallel.replicated(self.mesh)),
           out_shardings=parallel.batch_sharding(self.mesh))
     return self._compiled[key]

@@ -50,7 +50,8 @@ def fit_baseline(source, channel: int, max_records: int = 4096):
 
 
 def check_finite(step: int, metrics: dict) -> None:
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  """`metrics`: one step's values, on the host."""
+  values = {k: float(v) for k, v in metrics.items()}
   if not all(np.isfinite(v) for v in values.values()):
     raise NonFiniteError(
         f"non-finite training metrics at step {step}: "
@@ -59,13 +60,55 @@ def check_finite(step: int, metrics: dict) -> None:
 
 
 def make_train_step(translator, mesh, abstract_state):
-  """`translator.train_step` jitted over `mesh`: state replicated and donated, the batch
-  split along the data axis, metrics replicated."""
+  """`translator.train_step` jitted over `mesh`: the state in the shardings its abstract
+  leaves carry (`create_state`: fsdp-sharded or replicated) and donated, the batch split
+  along the batch axes, metrics replicated."""
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
   return jax.jit(translator.train_step,
                  in_shardings=(state_sharding, batch_sharding, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def fetch(tree):
+  """The one way the loop brings values to the host: at log points only (tests count it)."""
+  return jax.device_get(tree)
+
+
+def check_window(window: list[tuple[int, dict]]) -> dict:
+  """The metrics of the steps since the last log point, fetched at once: the first
+  non-finite one stops the run naming its step; else their means (what is logged)."""
+  steps = [step for step, _ in window]
+  values = fetch([metrics for _, metrics in window])
+  for step, metrics in zip(steps, values):
+    check_finite(step, metrics)
+  return {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
+
+
+class Profiler:
+  """`train.profile_steps = (START, COUNT)`: a jax.profiler trace of steps START …
+  START+COUNT-1 in WORKDIR/profile, for TensorBoard's profile plugin or XProf."""
+
+  def __init__(self, profile_steps, workdir: str):
+    self.start, self.count = (tuple(profile_steps) + (0, 0))[:2]
+    self.directory = os.path.join(workdir, "profile")
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.count and step == self.start and jax.process_index() == 0:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.start + self.count - 1:
+      jax.block_until_ready(state)  # the trace holds the steps' device work, not just dispatch
+      jax.profiler.stop_trace()
+      self.active = False
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _first_process() -> bool:
@@ -77,14 +120,16 @@ def _first_process() -> bool:
 @lock.holding("workdir", "medjax train", when=_first_process)
 def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); the last val summary."""
-  mesh = mesh or parallel.make_mesh()
+  mesh = mesh or parallel.mesh_for(config)
   config_lib.validate(config, num_devices=mesh.size)
   translator = translators.build(config)
   recipe = pipeline.recipe(config)
   pipeline.check_splits(config)  # before any work: an empty held-out split cannot score
   prepare_workdir(config, workdir)
   source = pipeline.train_source(config)
-  data_iter = iter(pipeline.train_dataset(config))
+  # Batches are placed on the mesh two steps ahead; the checkpoint stores the position of
+  # the next batch to be used, not of the grain iterator running ahead.
+  data_iter = parallel.DevicePrefetch(iter(pipeline.train_dataset(config)), mesh, depth=2)
 
   abstract, init = create_state(translator, config, mesh, recipe)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -114,27 +159,30 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   total = config.train.total_steps
   bar = tqdm(total=total, initial=start, desc=f"train {translator.name}", unit="step",
              dynamic_ncols=True, disable=not config.logging.progress or jax.process_index() != 0)
+  profiler = Profiler(config.train.profile_steps, workdir)
   summary = None
-  pending = None  # the previous step's metrics, checked one step late to keep dispatch async
+  window = []  # (step, device metrics) since the last log point: fetched there, at once
   tick, tick_step = time.perf_counter(), start
   try:
     for step in range(start + 1, total + 1):
-      batch = parallel.global_batch(next(data_iter), mesh)
+      batch = next(data_iter)
+      profiler.before(step)
+      # No host sync between log points: the host dispatches steps ahead of the device,
+      # and an implicit host↔device copy in the step is an error, not a silent cost.
       with jax.transfer_guard("disallow"):
         state, metrics = train_step(state, batch, rng)
-      if pending is not None:
-        check_finite(step - 1, pending)
-      pending = metrics
+      profiler.after(step, state)
+      window.append((step, metrics))
       is_checkpoint = step % config.checkpoint.every == 0 or step == total
       is_eval = step % config.eval.every == 0 or step == total
       if step % config.train.log_every == 0 or is_checkpoint or is_eval:
-        check_finite(step, metrics)
+        scalars = check_window(window)  # a non-finite step stops here, before any save
+        window = []
         now = time.perf_counter()
         rate = (step - tick_step) / max(now - tick, 1e-9)
         tick, tick_step = now, step
-        scalars = {**jax.device_get(metrics), "steps_per_s": rate}
-        writer.write(step, scalars)
-        bar.set_postfix(loss=f"{float(scalars['loss']):.4f}", steps_s=f"{rate:.2f}")
+        writer.write(step, {**scalars, "steps_per_s": rate})
+        bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{rate:.2f}")
       bar.update(1)
       if is_checkpoint:
         checkpointer.save(step, state, data_iter)
@@ -146,6 +194,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
           tqdm.write(evaluate_lib.format_summary(summary))
         tick = time.perf_counter()  # steps/s measures training, not evaluation
   finally:
+    profiler.close()
     bar.close()
     try:
       checkpointer.close()  # waits for the last save: its failure (a full disk) is raised
