@@ -241,8 +241,9 @@ def _prepare(pred, target, mask, protocol):
   mask = mask > 0
   if not mask.any():
     raise ValueError("empty mask")
-  pred, target = _as_float(jnp.asarray(pred), jnp.asarray(target))
-  return pred, target, jnp.asarray(mask)
+  dtype = np.float64 if jax.config.jax_enable_x64 and np.float64 in (pred.dtype, target.dtype) \
+      else np.float32
+  return pred.astype(dtype), target.astype(dtype), mask
 
 
 def _ct_window(volume, mask, hu_range):
@@ -251,29 +252,70 @@ def _ct_window(volume, mask, hu_range):
   return jnp.where(mask, jnp.clip(volume, low, high), low) - low
 
 
+# Scored volumes are padded to a multiple of this along every axis, so subjects of many
+# depths share a few compiled programs instead of one each.
+BUCKET = 16
+
+
+def _bucket(volume: np.ndarray, shape, mode: str) -> np.ndarray:
+  return np.pad(volume, [(0, n - s) for s, n in zip(volume.shape, shape)], mode=mode)
+
+
+def _core(mask: np.ndarray, crop: int) -> np.ndarray:
+  """The mask without `crop` voxels at every border of the volume (skimage's crop)."""
+  core = np.zeros_like(mask)
+  inner = tuple(slice(crop, n - crop) for n in mask.shape)
+  core[inner] = mask[inner]
+  return core
+
+
+def _padded_ssim(pred, target, mask, data_range, **window):
+  """`ssim` of the unpadded volumes, computed on volumes padded to `BUCKET`: the padding
+  continues each volume as scipy's 'reflect' border would (np.pad 'symmetric'), so every
+  real voxel's window sees what it saw unpadded, and only the real core is averaged."""
+  taps = len(_window_taps(window.get("window", "gaussian"), window.get("sigma", 1.5),
+                          window.get("win_size")))
+  _check_window_fits(pred.shape, taps)
+  shape = tuple(-(-n // BUCKET) * BUCKET for n in pred.shape)
+  weights = _core(mask.astype(np.float32), (taps - 1) // 2)
+  return ssim(_bucket(pred, shape, "symmetric"), _bucket(target, shape, "symmetric"),
+              data_range, _bucket(weights, shape, "constant"), crop=0, **window)
+
+
 def score(pred, target, mask, protocol):
   """One subject's metrics under `protocol` (docs/design.md); numpy in, floats out.
 
   synthrad2023 / synthrad2025: pred and target in HU. mri: both already on [0, 1].
   """
   pred, target, mask = _prepare(pred, target, mask, protocol)
-  if protocol == "mri":
-    pred, target = jnp.clip(pred, 0, 1), jnp.clip(target, 0, 1)
-    metrics = {"mae": mae(pred, target, mask),
-               "psnr": psnr(pred, target, 1.0, mask),
-               "ssim": ssim(pred, target, 1.0, mask)}
-  else:
-    hu_range = _SYNTHRAD2023_HU if protocol == "synthrad2023" else _SYNTHRAD2025_HU
+  if protocol == "synthrad2025":  # MS-SSIM's downsampling would see the padding: unpadded
+    hu_range = _SYNTHRAD2025_HU
+    pred_w, target_w = _ct_window(pred, mask, hu_range), _ct_window(target, mask, hu_range)
     data_range = hu_range[1] - hu_range[0]
+    metrics = {"mae": mae(pred, target, mask), "psnr": psnr(pred_w, target_w, data_range, mask),
+               "ms_ssim": ms_ssim(pred_w, target_w, data_range, mask)}
+    return {name: float(value) for name, value in metrics.items()}
+  shape = tuple(-(-n // BUCKET) * BUCKET for n in pred.shape)
+  padded_mask = _bucket(np.asarray(mask), shape, "constant")
+  if protocol == "mri":
+    pred, target = np.clip(pred, 0, 1), np.clip(target, 0, 1)
+    metrics = {"mae": mae(_bucket(pred, shape, "edge"), _bucket(target, shape, "edge"),
+                          padded_mask),
+               "psnr": psnr(_bucket(pred, shape, "edge"), _bucket(target, shape, "edge"), 1.0,
+                            padded_mask),
+               "ssim": _padded_ssim(pred, target, np.asarray(mask), 1.0)}
+  else:
+    data_range = _SYNTHRAD2023_HU[1] - _SYNTHRAD2023_HU[0]
     # Outside the mask both windowed volumes equal the floor, so masked PSNR on them is
     # PSNR on the clipped masked voxels.
-    pred_w, target_w = _ct_window(pred, mask, hu_range), _ct_window(target, mask, hu_range)
-    metrics = {"mae": mae(pred, target, mask), "psnr": psnr(pred_w, target_w, data_range, mask)}
-    if protocol == "synthrad2023":
-      metrics["ssim"] = ssim(pred_w, target_w, data_range, mask, window="uniform",
-                             win_size=7, use_sample_covariance=True)
-    else:
-      metrics["ms_ssim"] = ms_ssim(pred_w, target_w, data_range, mask)
+    pred_w = np.asarray(_ct_window(pred, mask, _SYNTHRAD2023_HU))
+    target_w = np.asarray(_ct_window(target, mask, _SYNTHRAD2023_HU))
+    metrics = {"mae": mae(_bucket(pred, shape, "edge"), _bucket(target, shape, "edge"),
+                          padded_mask),
+               "psnr": psnr(_bucket(pred_w, shape, "edge"), _bucket(target_w, shape, "edge"),
+                            data_range, padded_mask),
+               "ssim": _padded_ssim(pred_w, target_w, np.asarray(mask), data_range,
+                                    window="uniform", win_size=7, use_sample_covariance=True)}
   return {name: float(value) for name, value in metrics.items()}
 
 

@@ -273,3 +273,25 @@ def test_summarise_matches_numpy():
   assert summary["mae"]["mean"] == pytest.approx(mae.mean())
   assert summary["mae"]["std"] == pytest.approx(mae.std())
   assert summary["mae"]["median"] == pytest.approx(75.0)
+
+
+def test_subjects_of_many_depths_share_compiled_scoring():
+  """Evaluation scores whole volumes whose depth is each subject's own; padded to a
+  multiple of metrics.BUCKET they share a compiled program (and score as unpadded)."""
+  rng = np.random.default_rng(3)
+  scores = []
+  for depth in (33, 38, 45):
+    target = rng.random((depth, 20, 20)).astype(np.float32)
+    pred = np.clip(target + 0.1 * rng.standard_normal(target.shape), 0, 1).astype(np.float32)
+    mask = np.zeros(target.shape, bool)
+    mask[2:-2, 3:-3, 3:-3] = True
+    if depth == 33:
+      metrics.score(pred, target, mask, protocol="mri")  # compiles the 48-deep bucket
+      before = metrics.ssim._cache_size()
+    scores.append(metrics.score(pred, target, mask, protocol="mri"))
+    expected = structural_similarity(target, pred, data_range=1.0, gaussian_weights=True,
+                                     sigma=1.5, use_sample_covariance=False, full=True)[1]
+    core = np.zeros_like(mask)
+    core[5:-5, 5:-5, 5:-5] = mask[5:-5, 5:-5, 5:-5]
+    assert scores[-1]["ssim"] == pytest.approx(expected[core].mean(), rel=1e-4)
+  assert metrics.ssim._cache_size() == before  # depths 38 and 45: the same 48 bucket
