@@ -23,10 +23,11 @@ from medjax import metrics, models, modalities, translators
 from medjax.errors import ConfigError
 
 # Keys that may change between a run and its resumption without making it another
-# experiment: train longer, evaluate or sample differently, log differently.
+# experiment: train longer, evaluate or sample differently, log differently, trade
+# memory for compute (model.remat: the same parameters and, to rounding, the same steps).
 RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.profile_steps", "eval",
                   "checkpoint", "logging", "translator.sample_steps", "translator.samples",
-                  "data.workers", "mesh")
+                  "data.workers", "mesh", "model.remat")
 
 HELP = {
     "seed": "seed of initialisation, data order, augmentation and sampling",
@@ -450,4 +451,27 @@ def experiment_differences(saved: dict, current: dict) -> list[str]:
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
 
   old, new = flatten(saved), flatten(json.loads(json.dumps(current, default=list)))
+  # A key added to medjax after the run was saved holds, in that run, its default.
+  for key in new.keys() - old.keys():
+    default = _default(current, key)
+    if default is not _MISSING:
+      old[key] = default
   return sorted(k for k in old.keys() | new.keys() if not resumable(k) and old.get(k) != new.get(k))
+
+
+_MISSING = object()
+
+
+def _default(config: dict, key: str):
+  """The value `key` takes when nobody set it (base config, backbone, translator)."""
+  group, _, rest = key.partition(".")
+  if group == "model":
+    options = models.OPTIONS.get(config.get("model", {}).get("name"), {})
+    value = options[rest][0] if rest in options else _MISSING
+  elif group == "translator":
+    cls = translators.TRANSLATORS.get(config.get("translator", {}).get("name"))
+    options = cls.all_options() if cls else {}
+    value = options[rest][0] if rest in options else _MISSING
+  else:
+    value = flatten(base_config().to_dict()).get(key, _MISSING)
+  return list(value) if isinstance(value, tuple) else value

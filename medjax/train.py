@@ -65,9 +65,16 @@ def make_train_step(translator, mesh, abstract_state):
   along the batch axes, metrics replicated."""
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+  options = {}
+  if translator.config.model.get("remat") and jax.default_backend() == "cpu":
+    # XLA:CPU strips remat's optimisation barriers and merges the recomputation back
+    # into the forward pass (no memory saved); keeping them makes remat do its job there.
+    # GPU and TPU compilers keep them anyway.
+    options["xla_disable_hlo_passes"] = "cse_barrier_expander"
   return jax.jit(translator.train_step,
                  in_shardings=(state_sharding, batch_sharding, replicated),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,),
+                 compiler_options=options or None)
 
 
 def fetch(tree):

@@ -172,3 +172,17 @@ def test_the_readme_describes_the_run_directory_as_written(flow_run):
   assert written and all(IMAGE_NAME.fullmatch(name) for name in written), written
   assert IMAGE_NAME.fullmatch(example)
 
+
+
+def test_a_run_saved_before_a_key_existed_resumes_only_at_its_default():
+  """config.json of an older medjax lacks later keys (model.dtype, mesh): they held their
+  defaults then, so resuming is the same experiment unless the new value differs."""
+  from medjax import config as config_lib
+  config = tiny_config("flow")
+  saved = json.loads(config_lib.to_json(config))
+  del saved["model"]["dtype"], saved["mesh"], saved["translator"]["sampler"]
+  assert config_lib.experiment_differences(saved, config.to_dict()) == []
+  config.model.dtype = "bfloat16"
+  config.translator.sampler = "heun"
+  assert config_lib.experiment_differences(saved, config.to_dict()) == [
+      "model.dtype", "translator.sampler"]

@@ -8,11 +8,18 @@ import dataclasses
 
 import flax.linen as nn
 
+from medjax.models.layers import DTYPES
 from medjax.models.patchgan import PatchGAN
 from medjax.models.resnet import ResNetGenerator
 from medjax.models.unet import UNet
 
 MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN}
+
+DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
+                    + " | ".join(map(repr, DTYPES)) + "; parameters, norm statistics, "
+                    "softmax, output and loss stay float32 (float16: no loss scaling)")
+REMAT = (False, "recompute each residual/attention block's activations in the backward pass "
+                "(less memory; ~17 % more FLOPs per step)")
 
 OPTIONS = {
     "unet": {
@@ -22,15 +29,21 @@ OPTIONS = {
         "attention_levels": ((2,), "levels (indices into channel_mult) with self-attention"),
         "num_heads": (4, "attention heads"),
         "dropout": (0.0, "dropout inside residual blocks while training"),
+        "dtype": DTYPE,
+        "remat": REMAT,
     },
     "resnet": {
         "channels": (64, "width of the first convolution (CycleGAN ResNet generator)"),
         "num_blocks": (9, "residual blocks at the lowest resolution"),
+        "dtype": DTYPE,
+        "remat": REMAT,
     },
     "patchgan": {
         "channels": (64, "width of the first discriminator layer (70×70 PatchGAN)"),
         "num_layers": (3, "strided layers; sets the patch each logit judges"),
         "norm": ("instance", "'instance' | 'none' (logits that depend on their patch only)"),
+        "dtype": ("float32", "compute dtype (as 'unet'); a GAN's discriminator takes "
+                             "model.dtype"),
     },
 }
 
@@ -45,10 +58,12 @@ def build(name: str, **kwargs) -> nn.Module:
   if unknown:
     raise ValueError(f"unknown argument(s) {unknown} for model {name!r}; "
                      f"it takes: {', '.join(sorted(fields - {'name'}))}")
+  if "dtype" in kwargs and kwargs["dtype"] not in DTYPES:
+    raise ValueError(f"model dtype {kwargs['dtype']!r}; known: {', '.join(DTYPES)}")
   try:
     return cls(**kwargs)
   except TypeError as error:  # e.g. a required field such as out_channels is missing
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["MODELS", "OPTIONS", "PatchGAN", "ResNetGenerator", "UNet", "build"]
+__all__ = ["DTYPES", "MODELS", "OPTIONS", "PatchGAN", "ResNetGenerator", "UNet", "build"]

@@ -2,6 +2,11 @@
 
 One backbone for every translator: flow matching and diffusion pass the current state `x`
 and time `t`; regression and GANs pass `x=None` and the network sees only `source`.
+
+`dtype` ('float32' | 'bfloat16' | 'float16') is the compute dtype of the convolutions,
+attention and residual blocks; parameters stay float32, and the time embedding (sinusoid
+and MLP), the output head (last norm and convolution) and so the output are float32.
+`remat` recomputes each residual and attention block's activations in the backward pass.
 """
 
 from collections.abc import Sequence
@@ -10,7 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample,
-                                  group_norm, timestep_embedding, zeros_init)
+                                  compute_dtype, group_norm, maybe_remat,
+                                  timestep_embedding, zeros_init)
 
 
 class UNet(nn.Module):
@@ -25,6 +31,8 @@ class UNet(nn.Module):
   # sinusoidal frequencies are tuned for integer diffusion steps in [0, 1000]; t in [0, 1]
   # unscaled would leave most of the embedding constant.
   time_scale: float = 1000.0
+  dtype: str = "float32"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, t, source, *, train: bool):
@@ -39,42 +47,58 @@ class UNet(nn.Module):
     if t is None:
       t = jnp.zeros((batch,), jnp.float32)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+    dtype = compute_dtype(self.dtype)
 
     emb_dim = 4 * self.channels
     emb = timestep_embedding(t * self.time_scale, self.channels)
-    emb = nn.Dense(emb_dim)(nn.silu(nn.Dense(emb_dim)(emb)))
+    # float32: B × emb_dim is tiny, and the FiLM scales of every block come from it.
+    emb = nn.Dense(emb_dim, dtype=jnp.float32)(nn.silu(nn.Dense(emb_dim, dtype=jnp.float32)(emb)))
 
     h = source if x is None else jnp.concatenate([x, source], axis=-1)
-    res = lambda c: ResBlock(c, self.dropout, self.num_groups)
-    attn = lambda: AttentionBlock(self.num_heads, self.num_groups)
+    # Named explicitly (the names flax would give), so remat leaves the parameter tree as is.
+    res_block = maybe_remat(ResBlock, self.remat, static_argnums=(3,))  # (self, x, emb, train)
+    attn_block = maybe_remat(AttentionBlock, self.remat)
+    count = {"res": 0, "attn": 0}
 
-    h = nn.Conv(self.channels, (3, 3))(h)
+    def res(c):
+      count["res"] += 1
+      return res_block(c, self.dropout, self.num_groups, dtype,
+                       name=f"ResBlock_{count['res'] - 1}")
+
+    def attn():
+      count["attn"] += 1
+      return attn_block(self.num_heads, self.num_groups, dtype,
+                        name=f"AttentionBlock_{count['attn'] - 1}")
+
+    h = nn.Conv(self.channels, (3, 3), dtype=dtype)(h)
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
-        h = res(self.channels * mult)(h, emb, train=train)
+        h = res(self.channels * mult)(h, emb, train)
         if level in self.attention_levels:
           h = attn()(h)
         skips.append(h)
       if level != len(self.channel_mult) - 1:
-        h = Downsample(h.shape[-1])(h)
+        h = Downsample(h.shape[-1], dtype)(h)
         skips.append(h)
 
-    h = res(h.shape[-1])(h, emb, train=train)
+    h = res(h.shape[-1])(h, emb, train)
     if self.attention_levels:
       h = attn()(h)
-    h = res(h.shape[-1])(h, emb, train=train)
+    h = res(h.shape[-1])(h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       # one more block than on the way down: it consumes the skip left by Downsample
       # (or, at level 0, by the input conv).
       for _ in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = res(self.channels * mult)(h, emb, train=train)
+        h = res(self.channels * mult)(h, emb, train)
         if level in self.attention_levels:
           h = attn()(h)
       if level:
-        h = Upsample(h.shape[-1])(h)
+        h = Upsample(h.shape[-1], dtype)(h)
 
-    h = nn.silu(group_norm(h.shape[-1], self.num_groups)(h))
-    return nn.Conv(self.out_channels, (3, 3), kernel_init=zeros_init)(h)
+    # The head runs in float32: the output (a velocity, noise, an image) is what every
+    # loss and sampler step consumes.
+    h = nn.silu(group_norm(h.shape[-1], self.num_groups, dtype=jnp.float32)(h))
+    return nn.Conv(self.out_channels, (3, 3), kernel_init=zeros_init, dtype=jnp.float32)(h)

@@ -135,8 +135,11 @@ class Translator:
     return state
 
   def apply(self, params, x, t, source, rng=None, *, train: bool):
+    """The backbone's output, float32 whatever `model.dtype` computes in: losses and
+    sampler states are float32 (docs/design.md, "Translator protocol")."""
     rngs = {"dropout": rng} if (train and rng is not None) else None
-    return self.model.apply({"params": params}, x, t, source, train=train, rngs=rngs)
+    out = self.model.apply({"params": params}, x, t, source, train=train, rngs=rngs)
+    return out.astype(jnp.float32)
 
 
 def masked_mean(values, mask=None):

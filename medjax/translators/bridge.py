@@ -117,7 +117,7 @@ class Bridge(base.Translator):
   def sample(self, params, source, rng, steps: int):
     """One draw: from x_1 = source down the S-step grid of t to x̂0."""
     ts = np.linspace(1.0, 0.0, steps + 1)
-    start = self._start(source)
+    start = self._start(source).astype(jnp.float32)  # the state x_t stays float32
 
     def step(x_t, inputs):
       t, s, key = inputs

@@ -102,7 +102,7 @@ class CycleGAN(gan.GANTranslator):
   def generate(self, params, image, *, channels=None):
     """G(image), or F(image) back to `channels` source channels."""
     model = self.model if channels is None else self.backward_model(channels)
-    return model.apply({"params": params}, image, train=True)
+    return model.apply({"params": params}, image, train=True).astype(jnp.float32)
 
   def judge(self, params, image):
     return self.discriminator.apply({"params": params}, image, train=True)

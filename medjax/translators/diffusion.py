@@ -143,7 +143,8 @@ class Diffusion(base.Translator):
       return x_p + jnp.sqrt(sigma2) * z, None
 
     if x_T is None:
-      x_T = jax.random.normal(rng_start, shape, source.dtype)
+      x_T = jax.random.normal(rng_start, shape, jnp.float32)  # float32 whatever model.dtype
+    x_T = x_T.astype(jnp.float32)
     x_0, _ = jax.lax.scan(step, x_T, (jnp.asarray(ts), jnp.asarray(t_prev, jnp.int32),
                                       jax.random.split(rng_steps, steps)))
     return x_0

@@ -48,7 +48,8 @@ class Flow(base.Translator):
 
   def sample(self, params, source, rng, steps: int):
     """One draw: integrate the learned ODE from noise (t=0) to the target (t=1)."""
-    x = jax.random.normal(rng, (*source.shape[:-1], 1), source.dtype)
+    # The state stays float32 between steps whatever model.dtype the network computes in.
+    x = jax.random.normal(rng, (*source.shape[:-1], 1), jnp.float32)
     dt = 1.0 / steps
     velocity = lambda x, t: self.apply(
         params, x, jnp.full(source.shape[:1], t, jnp.float32), source, train=False)

@@ -33,12 +33,15 @@ class GANState(flax.struct.PyTreeNode):
 
 
 def generator_loss(kind: str, fake_logits):
+  fake_logits = jnp.asarray(fake_logits, jnp.float32)  # float32 under any model.dtype
   if kind == "lsgan":
     return jnp.mean((fake_logits - 1.0) ** 2)
   return -jnp.mean(fake_logits)
 
 
 def discriminator_loss(kind: str, real_logits, fake_logits):
+  real_logits = jnp.asarray(real_logits, jnp.float32)
+  fake_logits = jnp.asarray(fake_logits, jnp.float32)
   if kind == "lsgan":
     return 0.5 * (jnp.mean((real_logits - 1.0) ** 2) + jnp.mean(fake_logits ** 2))
   return jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits))
@@ -58,7 +61,9 @@ class GANTranslator(base.Translator):
     if config.translator.gan_loss not in GAN_LOSSES:
       raise ValueError(f"translator.gan_loss={config.translator.gan_loss!r}; known: {GAN_LOSSES}")
     self.gan_loss = config.translator.gan_loss
-    self.discriminator = models.build("patchgan", **config.translator.discriminator.to_dict())
+    # The discriminator computes in the generator's dtype: one knob, `model.dtype`.
+    self.discriminator = models.build("patchgan", dtype=config.model.get("dtype", "float32"),
+                                      **config.translator.discriminator.to_dict())
     self.disc_tx = base.make_optimizer(config.train)
 
   def new_state(self, params, disc_params, **extra) -> GANState:
