@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from medjax.errors import disk_error
@@ -41,6 +42,41 @@ def atomic_write(path):
     if failed is not None:
       raise failed from error
     raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+  """`atomic_write` for a folder of files (a DICOM series, an exported model): yield a
+  temporary sibling folder, renamed to `path` once complete. `path` must not exist or be
+  empty: a folder with files in it is never replaced or mixed into."""
+  path = Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    from medjax.errors import UserError
+    raise UserError(f"{path} exists and is not an empty folder: nothing was written "
+                    "(give a new folder)")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _remove_dead_temporaries(path)
+  tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    yield tmp
+    if path.is_dir():
+      path.rmdir()  # empty (checked above); os.replace cannot rename onto a folder
+    os.replace(tmp, path)
+  except BaseException as error:
+    shutil.rmtree(tmp, ignore_errors=True)
+    failed = disk_error(error, path) if isinstance(error, Exception) else None
+    if failed is not None:
+      raise failed from error
+    raise
+
+
+def _remove(path: Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    path.unlink(missing_ok=True)
 
 
 def write_text(path, text: str) -> Path:
@@ -96,7 +132,7 @@ def remove_stale(directory) -> list[Path]:
   found = sorted(Path(directory).glob(TMP_PREFIX + "*")) if Path(directory).is_dir() else []
   stale = [path for path in found if not _writer_alive(path.name)]
   for path in stale:
-    path.unlink(missing_ok=True)
+    _remove(path)
   return stale
 
 
@@ -105,7 +141,7 @@ def _remove_dead_temporaries(path: Path) -> None:
   for tmp in path.parent.glob(f"{TMP_PREFIX}*-{path.name}"):
     pid, _, name = tmp.name[len(TMP_PREFIX):].partition("-")
     if pid.isdigit() and name == path.name and not _writer_alive(tmp.name):
-      tmp.unlink(missing_ok=True)
+      _remove(tmp)
 
 
 def _writer_alive(name: str) -> bool:

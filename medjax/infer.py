@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medjax import evaluate, files, modalities, parallel
+from medjax.data import inputs as input_checks
 from medjax.data import intensity, layouts, volumes
 from medjax.data.preprocess import preprocess, to_original
 from medjax.errors import DISK_ERRNOS, NonFiniteError, UserError
@@ -61,44 +62,141 @@ def to_output(mean: np.ndarray, std: np.ndarray | None, geometry: dict, target: 
   return volume, intensity.std_to_output_units(spread, params, target)
 
 
-def translate_file(run, inputs, output, *, uncertainty=None, mask=None,
+def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
+                   output_dicom=None, uncertainty_dicom=None, series_uid=None,
+                   strict_inputs: bool = False,
                    steps: int | None = None, samples: int | None = None,
                    batch_size: int | None = None, seed: int | None = None,
                    progress: bool = True, name: str | None = None,
                    max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS) -> dict:
-  """Translate one subject's source files into `output` (and its std into `uncertainty`).
+  """Translate one subject's sources into `output` (and its std into `uncertainty`).
 
-  `inputs` are the source files in the run's source order; `mask`, if given, replaces
-  the automatic body mask. A volume of more than `max_voxels` voxels (on disk, or on the
-  run's grid) is refused before it is read. Returns {"slices", "seconds", "output",
-  "uncertainty"}.
+  `inputs` are the source files — or DICOM series folders (`series_uid` picks one where a
+  folder holds several) — in the run's source order; `mask`, if given, replaces the
+  automatic body mask. Written: the NIfTI `output`, and/or with a DICOM input and a CT
+  target a CT series `output_dicom` (std: `uncertainty_dicom`), and beside the first of
+  them a JSON sidecar (`sidecar_path`) saying what made it and how the input compared
+  with the training inputs. Inputs outside that range print warnings, or with
+  `strict_inputs` are refused before anything is written. A volume of more than
+  `max_voxels` voxels is refused before it is read. Returns {"slices", "seconds",
+  "output", "uncertainty", "warnings", "sidecar"}.
   """
+  from medjax.data import dicom
   start = time.perf_counter()
   sources = run.recipe.sources
   inputs = [Path(p) for p in inputs]
   if len(inputs) != len(sources):
     raise UserError(f"the model takes {len(sources)} input(s) ({', '.join(sources)}),"
                     f" got {len(inputs)}: {' '.join(map(str, inputs))}")
-  given = dict(zip(sources, inputs)) | ({"mask": Path(mask)} if mask else {})
-  prepared = preprocess(given, run.recipe, subject_id=name or inputs[0].name, targets=False,
+  if output is None and output_dicom is None:
+    raise UserError("nothing to write: give an output file (or a DICOM output folder)")
+  read = [dicom.read_series(p, series_uid, max_voxels=max_voxels) if p.is_dir() else p
+          for p in inputs]
+  reference = read[0]
+  if (output_dicom or uncertainty_dicom) and not isinstance(reference, dicom.Series):
+    raise UserError(f"--output-dicom needs a DICOM series as input (its patient, study and "
+                    f"frame of reference go into the new series); {inputs[0]} is a file")
+  if (output_dicom or uncertainty_dicom) and not modalities.is_ct(run.target):
+    raise UserError(f"--output-dicom writes a CT series; this run translates to {run.target}")
+  given = dict(zip(sources, read)) | ({"mask": Path(mask)} if mask else {})
+  label = name or inputs[0].name
+  prepared = preprocess(given, run.recipe, subject_id=label, targets=False,
                         max_voxels=max_voxels)
+  warnings = check_inputs(run, prepared, read)
+  if strict_inputs and warnings:
+    raise UserError(f"{label}: --strict-inputs: " + "; ".join(warnings) + ". Nothing was "
+                    "written")
+  for line in warnings:
+    print(f"medjax translate: warning: {label}: {line}", file=sys.stderr)
   if prepared.geometry["body_cropped"] > 0.005:
-    print(f"medjax translate: {name or inputs[0]}: the run's {'x'.join(map(str, run.recipe.size))}"
+    print(f"medjax translate: {label}: the run's {'x'.join(map(str, run.recipe.size))}"
           f" slices cut off {100 * prepared.geometry['body_cropped']:.1f} % of the body; "
           "that part of the output is background", file=sys.stderr)
   seed = run.config.seed if seed is None else seed
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), TRANSLATE_SEED_OFFSET)
   mean, std = translate_slices(run, prepared.model_source(run.recipe.context), steps=steps,
                                samples=samples, batch_size=batch_size, rng=rng,
-                               desc=name or inputs[0].name, progress=progress)
-  volume, spread = to_output(mean, std if uncertainty else None, prepared.geometry,
-                             run.target)
-  refuse_non_finite(output, volume, spread)
-  volumes.save_like(volume, inputs[0], output)
+                               desc=label, progress=progress)
+  with_std = uncertainty or uncertainty_dicom
+  volume, spread = to_output(mean, std if with_std else None, prepared.geometry, run.target)
+  refuse_non_finite(output or output_dicom, volume, spread)
+  written = {}
+  if output_dicom:
+    description = dicom.series_description("sCT", run)
+    series = dicom.write_ct_series(volume, reference, output_dicom, description=description,
+                                   derivation=_derivation(run, steps, samples, seed))
+    written["dicom"] = {"folder": str(series), "series_uid": _series_uid(series)}
+  if uncertainty_dicom:
+    series = dicom.write_ct_series(spread, reference, uncertainty_dicom, intercept=0.0,
+                                   description=dicom.series_description("sCT std", run),
+                                   derivation="per-voxel std (HU) of the draws of "
+                                   + _derivation(run, steps, samples, seed))
+    written["uncertainty_dicom"] = {"folder": str(series), "series_uid": _series_uid(series)}
+  if output:
+    volumes.save_like(volume, reference, output)
   if uncertainty:
-    volumes.save_like(spread, inputs[0], uncertainty)
+    volumes.save_like(spread, reference, uncertainty)
+  sidecar = sidecar_path(output or output_dicom)
+  files.write_json(sidecar, {
+      "inputs": [str(p) for p in inputs], "output": str(output) if output else None,
+      "uncertainty": str(uncertainty) if uncertainty else None, **written,
+      "model": _model_record(run, steps, samples, seed),
+      "input_check": {"warnings": warnings, "strict": strict_inputs,
+                      "input": prepared.inputs, "trained": run.inputs,
+                      "thresholds": input_checks.THRESHOLDS},
+      "seconds": round(time.perf_counter() - start, 3)})
   return {"slices": int(mean.shape[0]), "seconds": time.perf_counter() - start,
-          "output": str(output), "uncertainty": str(uncertainty) if uncertainty else None}
+          "output": str(output or output_dicom),
+          "uncertainty": str(uncertainty) if uncertainty else None,
+          "warnings": warnings, "sidecar": str(sidecar)}
+
+
+def sidecar_path(output) -> Path:
+  """OUT.nii.gz → OUT.json (BIDS' habit); a DICOM folder DIR → DIR.json beside it, so
+  the folder holds DICOM files only."""
+  output = Path(output)
+  for suffix in volumes.NIFTI_SUFFIXES:
+    if output.name.endswith(suffix):
+      return output.with_name(output.name[:-len(suffix)] + ".json")
+  return output.with_name(output.name + ".json")
+
+
+def check_inputs(run, prepared, read) -> list[str]:
+  """The input against the run's training inputs (`data.inputs.check`), in words."""
+  from medjax.data import dicom
+  dicom_modality = read[0].modality if isinstance(read[0], dicom.Series) else None
+  if not run.inputs:
+    warnings = input_checks.check(prepared.inputs, {}, run.recipe.sources,
+                                  dicom_modality=dicom_modality)
+    return warnings + ["the model records no ranges of its training inputs (trained "
+                       "before medjax kept inputs.json): spacing, field of view and "
+                       "intensities were not checked"]
+  return input_checks.check(prepared.inputs, run.inputs, run.recipe.sources,
+                            dicom_modality=dicom_modality)
+
+
+def _series_uid(folder) -> str:
+  import pydicom
+  first = sorted(Path(folder).iterdir())[0]
+  return str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _model_record(run, steps, samples, seed) -> dict:
+  from importlib import metadata
+  return {"workdir": str(run.workdir) if run.workdir else None, "step": run.step,
+          "translator": run.translator.name, "sources": list(run.recipe.sources),
+          "target": run.target,
+          "sample_steps": steps or run.config.translator.sample_steps,
+          "samples": samples or run.config.translator.samples,
+          "seed": run.config.seed if seed is None else seed,
+          "medjax": metadata.version("medjax")}
+
+
+def _derivation(run, steps, samples, seed) -> str:
+  record = _model_record(run, steps, samples, seed)
+  return (f"synthetic CT by medjax {record['medjax']} ({record['translator']}, "
+          f"{'+'.join(record['sources'])} to {record['target']}, step {record['step']}, "
+          f"{record['sample_steps']} steps x {record['samples']} samples); research use only")
 
 
 def refuse_non_finite(output, volume: np.ndarray, spread: np.ndarray | None) -> None:

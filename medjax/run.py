@@ -28,6 +28,7 @@ from medjax.errors import WorkdirError
 CONFIG = "config.json"
 RECIPE = "preprocessing.json"
 BASELINE = "baseline.json"
+INPUTS = "inputs.json"  # what the training inputs looked like (`data.inputs.envelope`)
 
 
 def load_config(workdir):
@@ -53,11 +54,22 @@ def create_state(translator, config, mesh, recipe: Recipe):
   return checkpoint_lib.abstract_like(abstract, shardings), lambda: init(rng, batch)
 
 
-def save_artefacts(workdir, recipe: Recipe, baseline) -> None:
+def save_artefacts(workdir, recipe: Recipe, baseline, inputs: dict | None = None) -> None:
   """What a trained run needs besides its checkpoints (written once, by process 0)."""
   if jax.process_index() == 0:
     files.write_json(Path(workdir) / RECIPE, recipe.to_dict())
     files.write_json(Path(workdir) / BASELINE, baseline.to_dict(), indent=None)
+    if inputs:
+      files.write_json(Path(workdir) / INPUTS, inputs, indent=1)
+
+
+def load_inputs(directory) -> dict | None:
+  """A run's (or exported model's) inputs.json; None when it has none (an older run)."""
+  path = Path(directory) / INPUTS
+  if not path.is_file():
+    return None
+  value = files.read_json(path, dict)
+  return value or None
 
 
 @dataclasses.dataclass
@@ -71,6 +83,7 @@ class Run:
   params: object
   step: int
   mesh: object
+  inputs: dict | None = None  # the training inputs' ranges (inputs.json), if recorded
   _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
@@ -100,7 +113,8 @@ class Run:
                                                  translator.inference_path, step)
     finally:
       checkpointer.close()
-    return cls(workdir, config, recipe, baseline, translator, params, int(step), mesh)
+    return cls(workdir, config, recipe, baseline, translator, params, int(step), mesh,
+               load_inputs(workdir))
 
   @classmethod
   def fresh(cls, config, *, mesh=None, recipe: Recipe | None = None) -> Run:

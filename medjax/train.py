@@ -160,7 +160,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
                        parallel.replicated(mesh))
   baseline = fit_baseline(source, recipe.centre_channel)
-  save_artefacts(workdir, recipe, baseline)
+  save_artefacts(workdir, recipe, baseline, pipeline.training_inputs(config))
   run = Run(workdir, config, recipe, baseline, translator, None, start, mesh)
   writer = logging_lib.MetricWriter(workdir)
   total = config.train.total_steps

@@ -38,3 +38,12 @@ def tiny_config(method: str = "flow", target: str = "t2w"):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+@pytest.fixture(scope="session")
+def ct_run(tmp_path_factory):
+  """A tiny trained T1w → CT run (regression), shared by the DICOM and input-check tests."""
+  from medjax import train
+  workdir = tmp_path_factory.mktemp("ct_run")
+  train.train_and_evaluate(tiny_config("regression", "ct"), str(workdir))
+  return workdir

@@ -8,7 +8,7 @@ from pathlib import Path
 from medjax.commands import common
 from medjax.errors import PartialFailure, UserError
 
-HELP = "NIfTI in → NIfTI out with a trained run (input geometry, HU for CT)"
+HELP = "NIfTI or DICOM in → NIfTI or DICOM out with a trained run (input geometry, HU)"
 RENAMED = {"--steps": "sampling steps are --sample-steps (training steps are --train-steps)"}
 
 
@@ -18,15 +18,34 @@ def add_arguments(parser) -> None:
       "and undone, so the output has the input's shape, affine, qform/sform and zooms;\n"
       "CT in HU, MR targets on [0, 1]. Without --mask the body mask is found automatically.\n"
       "The run's sampling settings (translator.sample_steps, .samples) are the defaults,\n"
-      "so a translated file matches what the run's evaluation scored.")
+      "so a translated file matches what the run's evaluation scored.\n"
+      "A DICOM series folder is an input too; --output-dicom then writes the synthetic CT\n"
+      "as a new CT series in the input's frame of reference. Every input is compared with\n"
+      "what the model was trained on (spacing, field of view, body extent, intensities):\n"
+      "a warning names what is out of range (--strict-inputs: an error). OUT.json beside\n"
+      "the output records the model, the settings and that check.")
   parser.epilog = ("examples:\n"
                    "  medjax translate --workdir runs/mr_ct --input p1_mr.nii.gz --output p1_sct.nii.gz\n"
                    "  medjax translate --workdir runs/mr_ct --input-dir /data/new --layout "
-                   "synthrad2023 --output-dir out/")
+                   "synthrad2023 --output-dir out/\n"
+                   "  medjax translate --workdir runs/mr_ct --input dicom/MR_series/ "
+                   "--output-dicom dicom/sCT/ --output p1_sct.nii.gz")
   parser.add_argument("--workdir", required=True, help="the trained run directory")
   parser.add_argument("--input", nargs="+", metavar="FILE",
-                      help="source file(s) of one subject, in the run's source order")
+                      help="source file(s) or DICOM series folder(s) of one subject, in the "
+                           "run's source order")
   parser.add_argument("--output", metavar="FILE", help="output .nii or .nii.gz (with --input)")
+  parser.add_argument("--output-dicom", metavar="DIR",
+                      help="write the synthetic CT as a DICOM CT series into DIR (new or "
+                           "empty; with a DICOM --input and a CT target)")
+  parser.add_argument("--uncertainty-dicom", metavar="DIR",
+                      help="the per-voxel std (HU) as a second DICOM series (samples ≥ 2)")
+  parser.add_argument("--series-uid", nargs="+", metavar="UID",
+                      help="the SeriesInstanceUID to read where an input folder holds "
+                           "several series")
+  parser.add_argument("--strict-inputs", action="store_true",
+                      help="refuse an input outside what the model was trained on, "
+                           "instead of warning")
   parser.add_argument("--mask", metavar="FILE",
                       help="body mask of --input (default: found automatically)")
   parser.add_argument("--uncertainty", metavar="FILE",
@@ -51,14 +70,23 @@ def _check(args) -> None:
   if bool(args.input) == bool(args.input_dir):
     raise UserError("give either --input FILE [FILE ...] --output FILE, or --input-dir DIR"
                     " --layout LAYOUT --output-dir DIR")
-  if args.input and not args.output:
-    raise UserError("--input needs --output FILE.nii.gz")
+  if args.input and not (args.output or args.output_dicom):
+    raise UserError("--input needs --output FILE.nii.gz (or --output-dicom DIR)")
+  if (args.output_dicom or args.uncertainty_dicom or args.series_uid) and not args.input:
+    raise UserError("--output-dicom, --uncertainty-dicom and --series-uid go with --input")
+  for folder in (args.output_dicom, args.uncertainty_dicom):
+    if folder and Path(folder).exists() and (not Path(folder).is_dir()
+                                             or any(Path(folder).iterdir())):
+      raise UserError(f"{folder} exists and is not an empty folder: nothing was written "
+                      "(give a new folder for the DICOM series)")
+  if args.uncertainty_dicom and args.samples is not None and args.samples < 2:
+    raise UserError("--uncertainty-dicom needs --samples 2 or more (the std of the draws)")
   if args.input_dir and not (args.output_dir and args.layout):
     raise UserError("--input-dir needs --layout LAYOUT and --output-dir DIR")
   if args.uncertainty and args.samples is not None and args.samples < 2:
     raise UserError("--uncertainty needs --samples 2 or more (the std of the draws)")
   for path in args.input or ():
-    if not Path(path).is_file():
+    if not Path(path).exists():
       raise UserError(f"input {path} does not exist")
   if args.mask and not Path(args.mask).is_file():
     raise UserError(f"mask {args.mask} does not exist")
@@ -76,14 +104,17 @@ def run(args) -> int:
   if samples > 1 and not run.translator.stochastic:
     print(f"medjax translate: {run.translator.name} is deterministic: the std is zero",
           file=sys.stderr)
-  if args.uncertainty and samples < 2:
+  if (args.uncertainty or args.uncertainty_dicom) and samples < 2:
     raise UserError(f"--uncertainty needs 2 or more draws; the run samples {samples} "
                     "(give --samples)")
   options = dict(steps=args.sample_steps, samples=args.samples, batch_size=args.batch_size,
-                 seed=args.seed, max_voxels=args.max_voxels)
+                 seed=args.seed, max_voxels=args.max_voxels,
+                 strict_inputs=args.strict_inputs)
   if args.input:
     result = infer.translate_file(run, args.input, args.output, uncertainty=args.uncertainty,
-                                  mask=args.mask, **options)
+                                  mask=args.mask, output_dicom=args.output_dicom,
+                                  uncertainty_dicom=args.uncertainty_dicom,
+                                  series_uid=args.series_uid, **options)
     infer.report_time(Path(args.input[0]).name, result)
     return 0
   done, failed = infer.translate_directory(run, args.input_dir, args.output_dir, args.layout,

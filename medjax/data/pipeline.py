@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from medjax import metrics, modalities
-from medjax.data import augment, intensity, phantom
+from medjax.data import augment, inputs, intensity, phantom
 from medjax.data.preprocess import Recipe, Volume
 from medjax.errors import ConfigError
 
@@ -134,6 +134,27 @@ def check_splits(config) -> None:
       raise ConfigError(f"held-out subjects of {config.data.dir} with fewer foreground slices "
                         f"than the evaluation's {metrics.MIN_SIDE}-voxel SSIM window: "
                         + ", ".join(f"{s} ({n})" for s, n in sorted(short.items())))
+
+
+def training_inputs(config) -> dict:
+  """The range of every `inputs.describe` statistic over the training subjects: what
+  `medjax translate` checks a new input against (a run's inputs.json). {} when the
+  shards were prepared before medjax recorded them."""
+  if config.data.kind == "phantom":
+    p = config.data.phantom
+    sources = modalities.as_tuple(config.data.source)
+    descriptions = []
+    for subject in phantom_split(config)["train"]:
+      vols = phantom.generate(p.seed, subject, shape=tuple(p.shape), spacing=tuple(p.spacing))
+      descriptions.append(inputs.describe({m: vols[m] for m in sources}, vols["mask"] > 0,
+                                          ras_shape=tuple(p.shape), ras_spacing=p.spacing,
+                                          grid_spacing=p.spacing))
+    return inputs.envelope(descriptions)
+  from medjax.data import shards
+  manifest = shards.load_manifest(config.data.dir)
+  described = manifest.get("inputs") or {}
+  train = (manifest.get("splits") or {}).get("train") or []
+  return inputs.envelope([described.get(i) for i in train if isinstance(described.get(i), dict)])
 
 
 def eval_volumes(config, split: str) -> list[Volume]:

@@ -105,6 +105,7 @@ def _prepare_one(task: dict) -> dict:
     meta = {"subject": subject.id, "index": task["index"], "split": split,
             "sources": list(recipe.sources), "targets": list(recipe.targets),
             "geometry": prepared.geometry, "normalisation": prepared.normalisation,
+            "inputs": prepared.inputs,
             "slices": [int(z) for z in prepared.foreground_slices()]}
     shard = shard_path(out, split, subject.id)
     # The json goes first: a shard that exists always has its metadata next to it.
@@ -282,6 +283,9 @@ def prepare(layout: str, root, out, sources, targets, *, spacing=(1.0, 1.0, 1.0)
       "splits": splits,
       "geometry": {i: done[i]["geometry"] for i in sorted(done)},
       "normalisation": {i: done[i]["normalisation"] for i in sorted(done)},
+      # What each subject's sources look like (`inputs.describe`): training turns the
+      # train split's into the run's inputs.json, which `translate` checks new files by.
+      "inputs": {i: done[i].get("inputs") for i in sorted(done)},
       "slices": {i: done[i]["slices"] for i in sorted(done)},
       "counts": {
           "found": len(subjects), "prepared": len(done), "skipped": len(skipped),

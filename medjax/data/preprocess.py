@@ -31,7 +31,7 @@ import nibabel.orientations as nio
 import numpy as np
 
 from medjax import modalities
-from medjax.data import intensity, volumes
+from medjax.data import inputs, intensity, volumes
 from medjax.data.mask import body_mask
 from medjax.data.volumes import VolumeError
 
@@ -146,6 +146,7 @@ class PreparedSubject:
   mask: np.ndarray  # (Z, H, W, 1) float32 0/1
   geometry: dict  # what `to_original` needs to go back
   normalisation: dict  # modality → intensity.fit parameters
+  inputs: dict | None = None  # `inputs.describe` of the sources (what the model is fed)
 
   def foreground_slices(self) -> np.ndarray:
     return np.flatnonzero(self.mask.reshape(self.mask.shape[0], -1).any(1))
@@ -251,6 +252,9 @@ def preprocess(files: Mapping, recipe: Recipe, *, subject_id: str = "",
   if not mask.any():
     raise VolumeError(files["mask"] if has_mask else files[reference], "empty body mask")
 
+  description = inputs.describe({m: on_grid[m] for m in recipe.sources}, mask,
+                                ras_shape=ras.shape, ras_spacing=volumes.voxel_spacing(ras_affine),
+                                grid_spacing=volumes.voxel_spacing(grid_affine))
   try:
     normalisation = {m: intensity.fit(on_grid[m], m, mask) for m in wanted}
   except ValueError as error:  # e.g. a constant image that cannot be scaled
@@ -285,7 +289,7 @@ def preprocess(files: Mapping, recipe: Recipe, *, subject_id: str = "",
       id=subject_id, source=stack(recipe.sources),
       target=stack(recipe.targets) if targets else None,
       mask=_axial(volumes.window(mask.astype(np.float32), start, recipe.size, 0.0)[..., None]),
-      geometry=geometry, normalisation=normalisation)
+      geometry=geometry, normalisation=normalisation, inputs=description)
 
 
 def to_original(volume: np.ndarray, geometry: dict, *, order: int = 1,

@@ -375,10 +375,18 @@ def load(path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray,
   A header claiming more than `max_voxels` voxels is refused before the voxels are read
   (None: no limit).
   """
+  if hasattr(path, "headers"):  # a `dicom.Series` read already (and checked there)
+    data, affine = path.data, path.affine
+    check_affine(path.path, affine)
+    return data, affine
   path = Path(path)
   if not path.exists():
     raise VolumeError(path, "file does not exist")
-  if not path.is_file():  # a folder, or a pipe or device a read would wait on forever
+  if path.is_dir():  # a DICOM series folder (`dicom.read_series` picks series by UID)
+    from medjax.data import dicom
+    series = dicom.read_series(path, max_voxels=max_voxels)
+    return series.data, series.affine
+  if not path.is_file():  # a pipe or device a read would wait on forever
     raise VolumeError(path, "not a regular file")
   name = path.name.lower()
   if name.endswith((".mha", ".mhd")):
@@ -521,7 +529,9 @@ def save_like(volume: np.ndarray, reference, path) -> None:
   """Write float32 `volume` with the reference file's header: affine, qform/sform and their
   codes, zooms and units survive. A non-NIfTI reference (.mha) gives its RAS affine."""
   from medjax import files
-  path, reference = Path(path), Path(reference)
+  path = Path(path)
+  if not hasattr(reference, "headers"):  # not a `dicom.Series`
+    reference = Path(reference)
   if not str(path).endswith(NIFTI_SUFFIXES):
     raise UserError(f"{path}: output must be a .nii or .nii.gz file")
   volume = np.asarray(volume, np.float32)
