@@ -108,6 +108,11 @@ def _remove_dead_temporaries(path: Path) -> None:
       tmp.unlink(missing_ok=True)
 
 
+def writer_alive(name: str) -> bool:
+  """Whether the process that named temporary `name` (`.tmp-<pid>-…`) still runs here."""
+  return _writer_alive(name)
+
+
 def _writer_alive(name: str) -> bool:
   pid = name[len(TMP_PREFIX):].split("-", 1)[0]
   if not pid.isdigit() or int(pid) == os.getpid():
