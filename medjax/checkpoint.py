@@ -209,11 +209,12 @@ class Checkpointer:
                        os.path.join(self.directory, str(self._saving)))
 
 
-def save_tree(directory, tree) -> None:
+def save_tree(directory, tree, *, report_as=None) -> None:
   """One pytree of arrays (an exported model's parameters) into a new orbax folder,
   synchronously; nothing else (no optimiser, no iterator). A write that fails for lack
-  of space or permission is one `OSError` naming `directory`."""
-  with _DiskErrors(str(directory)):
+  of space or permission is one `OSError` naming `report_as` (default `directory`): the
+  folder the user asked for, not a temporary one."""
+  with _DiskErrors(str(report_as or directory)):
     ocp.PyTreeCheckpointer().save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from medjax import checkpoint as checkpoint_lib
 from medjax import files, modalities
 from medjax import run as run_lib
-from medjax.errors import UserError
+from medjax.errors import UserError, disk_error
 
 INPUTS = "inputs.json"  # the training inputs' intensity and geometry statistics, if kept
 CARD = "MODEL_CARD.md"
@@ -51,7 +51,7 @@ def export(workdir, out, *, step: int | None = None, force: bool = False) -> dic
     has_inputs = (workdir / INPUTS).is_file()
     if has_inputs:
       _copy(workdir / INPUTS, tmp / INPUTS)
-    checkpoint_lib.save_tree(tmp / run_lib.PARAMS, run.params)
+    checkpoint_lib.save_tree(tmp / run_lib.PARAMS, run.params, report_as=out)
     marker = {"format": run_lib.MODEL_FORMAT, "version": run_lib.MODEL_VERSION,
               "medjax": version(), "step": run.step, "source": list(run.recipe.sources), "target": run.target,
               "translator": run.translator.name,
@@ -62,8 +62,12 @@ def export(workdir, out, *, step: int | None = None, force: bool = False) -> dic
                                             _training_subjects(run.config)))
     files.write_json(tmp / run_lib.MODEL, marker)  # last: a folder with it is complete
     _replace(tmp, out)
-  except BaseException:
+  except BaseException as error:
     shutil.rmtree(tmp, ignore_errors=True)
+    # A full or read-only disk names the folder asked for, not the temporary one.
+    failed = disk_error(error, out) if isinstance(error, Exception) else None
+    if failed is not None:
+      raise failed from error
     raise
   return marker
 

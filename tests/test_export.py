@@ -230,9 +230,10 @@ def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch):
   killed = tmp_path / f".tmp-999999999-{out.name}"
   (killed / "params").mkdir(parents=True)
 
-  def full_disk(*args):
-    raise OSError(28, "No space left on device", str(out))
+  def full_disk(directory, *args, **kwargs):
+    raise OSError(28, "No space left on device", str(directory))
   monkeypatch.setattr(checkpoint, "save_tree", full_disk)
-  with pytest.raises(OSError):
+  with pytest.raises(OSError) as raised:
     export.export(run, out)
+  assert raised.value.filename == str(out)
   assert list(tmp_path.iterdir()) == []
