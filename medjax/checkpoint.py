@@ -209,6 +209,53 @@ class Checkpointer:
                        os.path.join(self.directory, str(self._saving)))
 
 
+def save_tree(directory, tree, *, report_as=None) -> None:
+  """One pytree of arrays (an exported model's parameters) into a new orbax folder,
+  synchronously; nothing else (no optimiser, no iterator). A write that fails for lack
+  of space or permission is one `OSError` naming `report_as` (default `directory`): the
+  folder the user asked for, not a temporary one."""
+  with _DiskErrors(str(report_as or directory)):
+    ocp.PyTreeCheckpointer().save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree))
+
+
+def restore_tree(directory, abstract):
+  """What `save_tree` wrote, read into `abstract`'s shapes, dtypes and shardings. A
+  missing, damaged or mismatched folder is a one-line `UserError` naming it."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise UserError(f"{directory} does not exist: the model folder is incomplete "
+                    "(export it again)")
+  _quiet_orbax_failures()
+  try:
+    with _quiet("absl"):
+      return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+  except Exception as error:  # noqa: BLE001  TensorStore and orbax say it in many types
+    why = _tree_damage(Path(directory)) or _reason(error, Path(directory))
+    raise UserError(f"{directory}: the model's parameters cannot be read ({why}); export "
+                    "the model again") from None
+
+
+def _tree_damage(folder: Path) -> str | None:
+  """Why an orbax tree does not read in full (the array and what is wrong with it), found
+  by reading every array into host memory; None if all of it reads."""
+  if (why := _json_damage(folder / "_METADATA", folder)) is not None:
+    return why
+  try:
+    with _quiet("absl"):
+      tree = ocp.PyTreeCheckpointer().metadata(folder).item_metadata
+      if tree is None:
+        return ("its array index does not read (manifest.ocdbt or a file under d/ is "
+                "missing or truncated)")
+      tree = getattr(tree, "tree", tree)
+      read_all = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      ocp.PyTreeCheckpointer().restore(folder, args=ocp.args.PyTreeRestore(
+          restore_args=read_all))
+  except Exception as error:  # noqa: BLE001  (as above)
+    return _reason(error, folder)
+  return None
+
+
 class _DiskErrors:
   """A save that failed for lack of space or permission, in whichever of orbax's and
   TensorStore's words, becomes one `OSError` naming the checkpoint being written."""

@@ -144,6 +144,11 @@ def _remove_dead_temporaries(path: Path) -> None:
       _remove(tmp)
 
 
+def writer_alive(name: str) -> bool:
+  """Whether the process that named temporary `name` (`.tmp-<pid>-…`) still runs here."""
+  return _writer_alive(name)
+
+
 def _writer_alive(name: str) -> bool:
   pid = name[len(TMP_PREFIX):].split("-", 1)[0]
   if not pid.isdigit() or int(pid) == os.getpid():

@@ -4,7 +4,8 @@
 intensity-mapping baseline that training saved beside it, and restores only the
 inference (EMA) parameters of a checkpoint, never the optimiser. Nothing of the training
 data is needed: a run can be evaluated on its held-out split and used for translation
-with its training shards gone (docs/design.md, "Run directory").
+with its training shards gone (docs/design.md, "Run directory"). `Run.load_model(folder)`
+reads the same from a folder `medjax export` wrote (docs/design.md, "Exported models").
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from medjax import checkpoint as checkpoint_lib
 from medjax import files, metrics, parallel, translators
 from medjax.data import pipeline
 from medjax.data.preprocess import Recipe
-from medjax.errors import WorkdirError
+from medjax.errors import UserError, WorkdirError
 
 CONFIG = "config.json"
 RECIPE = "preprocessing.json"
 BASELINE = "baseline.json"
 INPUTS = "inputs.json"  # what the training inputs looked like (`data.inputs.envelope`)
+# An exported model folder (docs/design.md, "Exported models"): the three files above,
+# the inference parameters and this marker.
+MODEL = "model.json"
+MODEL_FORMAT, MODEL_VERSION = "medjax-model", 1
+PARAMS = "params"
 
 
 def load_config(workdir):
@@ -72,6 +78,52 @@ def load_inputs(directory) -> dict | None:
   return value or None
 
 
+def _artefacts(folder: Path):
+  """config.json, preprocessing.json and baseline.json of a run or an exported model."""
+  config = load_config(folder)
+  recipe_path, baseline_path = folder / RECIPE, folder / BASELINE
+  for path in (recipe_path, baseline_path):
+    if not path.is_file():
+      raise WorkdirError(f"{path} does not exist: {folder} was not written by this medjax "
+                         "(train it again, or in a new --workdir)")
+  try:
+    recipe = Recipe.from_dict(files.read_json(recipe_path, dict))
+  except (KeyError, TypeError, ValueError) as error:
+    raise WorkdirError(f"{recipe_path}: not a preprocessing recipe ({error})") from None
+  try:
+    baseline = baseline_lib.IntensityMap.from_dict(files.read_json(baseline_path, dict))
+  except (KeyError, TypeError, ValueError) as error:
+    raise WorkdirError(f"{baseline_path}: not a fitted baseline ({error})") from None
+  return config, recipe, baseline
+
+
+def read_model_marker(path) -> dict:
+  """`model.json` of an exported model folder, checked; a one-line `UserError` naming the
+  file for a missing folder, a run directory, any other folder or a damaged marker."""
+  path = Path(path)
+  marker = path / MODEL
+  if not path.is_dir():
+    raise UserError(f"{path}: no such model folder (medjax export writes one)")
+  if not marker.is_file():
+    if (path / "checkpoints").is_dir():
+      what = "a run directory, not an exported model: use --workdir, or medjax export"
+    elif (path / PARAMS).is_dir():
+      what = "an incomplete model folder (export it again)"
+    else:
+      what = "not an exported medjax model (medjax export writes one)"
+    raise UserError(f"{marker} does not exist: {path} is {what}")
+  value = files.read_json(marker, dict)
+  if value.get("format") != MODEL_FORMAT:
+    raise UserError(f"{marker}: not a medjax model marker (format {value.get('format')!r}, "
+                    f"expected {MODEL_FORMAT!r})")
+  if value.get("version") != MODEL_VERSION:
+    raise UserError(f"{marker}: model format version {value.get('version')!r}; this medjax "
+                    f"reads version {MODEL_VERSION}")
+  if not isinstance(value.get("step"), int) or isinstance(value.get("step"), bool):
+    raise UserError(f"{marker}: its step is {value.get('step')!r}, not a whole number")
+  return value
+
+
 @dataclasses.dataclass
 class Run:
   """A run's config, recipe, baseline, translator and inference parameters."""
@@ -90,20 +142,10 @@ class Run:
   def load(cls, workdir, *, step: int | None = None, mesh=None) -> Run:
     """The run in `workdir` at checkpoint `step` (the latest by default)."""
     workdir = Path(workdir)
-    config = load_config(workdir)
-    recipe_path, baseline_path = workdir / RECIPE, workdir / BASELINE
-    for path in (recipe_path, baseline_path):
-      if not path.is_file():
-        raise WorkdirError(f"{path} does not exist: {workdir} was not written by this medjax "
-                           "(train it again, or in a new --workdir)")
-    try:
-      recipe = Recipe.from_dict(files.read_json(recipe_path, dict))
-    except (KeyError, TypeError, ValueError) as error:
-      raise WorkdirError(f"{recipe_path}: not a preprocessing recipe ({error})") from None
-    try:
-      baseline = baseline_lib.IntensityMap.from_dict(files.read_json(baseline_path, dict))
-    except (KeyError, TypeError, ValueError) as error:
-      raise WorkdirError(f"{baseline_path}: not a fitted baseline ({error})") from None
+    if (workdir / MODEL).is_file():
+      raise WorkdirError(f"{workdir} is an exported model ({MODEL}), not a run directory: "
+                         "load it with medjax.load_model (medjax translate --model)")
+    config, recipe, baseline = _artefacts(workdir)
     mesh = mesh or parallel.mesh_for(config, fallback=True)
     translator = translators.build(config)
     abstract, _ = create_state(translator, config, mesh, recipe)
@@ -115,6 +157,25 @@ class Run:
       checkpointer.close()
     return cls(workdir, config, recipe, baseline, translator, params, int(step), mesh,
                load_inputs(workdir))
+
+  @classmethod
+  def load_model(cls, path, *, mesh=None) -> Run:
+    """An exported model folder (`medjax export`; docs/design.md, "Exported models"): the
+    same object as `load` of the run it came from, its parameters restored into the same
+    shardings, so the jitted `translate` is the same. No run directory, no data."""
+    path = Path(path)
+    marker = read_model_marker(path)
+    for name in (CONFIG, RECIPE, BASELINE):
+      if not (path / name).is_file():
+        raise UserError(f"{path / name} does not exist: the model folder {path} is "
+                        "incomplete (export it again)")
+    config, recipe, baseline = _artefacts(path)
+    mesh = mesh or parallel.mesh_for(config, fallback=True)
+    translator = translators.build(config)
+    abstract, _ = create_state(translator, config, mesh, recipe)
+    params = checkpoint_lib.restore_tree(path / PARAMS, translator.inference_params(abstract))
+    return cls(path, config, recipe, baseline, translator, params, marker["step"], mesh,
+               load_inputs(path))
 
   @classmethod
   def fresh(cls, config, *, mesh=None, recipe: Recipe | None = None) -> Run:

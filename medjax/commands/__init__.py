@@ -12,6 +12,7 @@ COMMANDS = {
     "train": "train an experiment config (resumes a workdir)",
     "evaluate": "score a trained run on its held-out subjects",
     "translate": "NIfTI in → NIfTI out with a trained run (input geometry, HU for CT)",
+    "export": "a trained run → a self-contained model folder (translate --model)",
     "score": "metrics of predicted volumes against their targets, per subject",
     "compare": "train several methods at one budget, one table",
     "sweep": "one config over a grid of overrides, one process per point",

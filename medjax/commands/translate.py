@@ -30,7 +30,9 @@ def add_arguments(parser) -> None:
                    "synthrad2023 --output-dir out/\n"
                    "  medjax translate --workdir runs/mr_ct --input dicom/MR_series/ "
                    "--output-dicom dicom/sCT/ --output p1_sct.nii.gz")
-  parser.add_argument("--workdir", required=True, help="the trained run directory")
+  parser.add_argument("--workdir", help="the trained run directory")
+  parser.add_argument("--model", metavar="MODEL_DIR",
+                      help="an exported model folder (medjax export), instead of --workdir")
   parser.add_argument("--input", nargs="+", metavar="FILE",
                       help="source file(s) or DICOM series folder(s) of one subject, in the "
                            "run's source order")
@@ -67,6 +69,10 @@ def add_arguments(parser) -> None:
 
 
 def _check(args) -> None:
+  if (args.workdir is None) == (args.model is None):
+    raise UserError("give either --workdir RUN or --model MODEL_DIR")
+  if args.model is not None and args.checkpoint is not None:
+    raise UserError("--checkpoint goes with --workdir; a --model holds one checkpoint")
   if bool(args.input) == bool(args.input_dir):
     raise UserError("give either --input FILE [FILE ...] --output FILE, or --input-dir DIR"
                     " --layout LAYOUT --output-dir DIR")
@@ -99,7 +105,8 @@ def run(args) -> int:
   from medjax import infer, parallel
   from medjax.run import Run
   parallel.enable_compilation_cache()
-  run = Run.load(args.workdir, step=args.checkpoint)
+  run = (Run.load_model(args.model) if args.model is not None
+         else Run.load(args.workdir, step=args.checkpoint))
   samples = args.samples or run.config.translator.samples
   if samples > 1 and not run.translator.stochastic:
     print(f"medjax translate: {run.translator.name} is deterministic: the std is zero",
