@@ -98,19 +98,20 @@ def test_the_folder_is_lean_and_complete(run, model):
   assert size(model / "params") < 2 * param_bytes
   assert size(model) < 2 * param_bytes + 64 * 1024
   names = {p.name for p in model.iterdir()}
-  assert names == {"config.json", "preprocessing.json", "baseline.json", "params",
-                   "model.json", "MODEL_CARD.md"}
+  assert names == {"config.json", "preprocessing.json", "baseline.json", "inputs.json",
+                   "params", "model.json", "MODEL_CARD.md"}
   assert not list(model.rglob("opt_state*")) and not list(model.rglob("iter"))
+  assert medjax.load_model(model).inputs == trained.inputs and trained.inputs["subjects"] == 3
   marker = json.loads((model / "model.json").read_text())
   assert marker["format"] == "medjax-model" and marker["version"] == 1
   assert (marker["step"], marker["source"], marker["target"]) == (6, ["t1w"], "t2w")
-  assert marker["medjax"] == medjax_version() and marker["inputs"] is None
-  for name in ("config.json", "preprocessing.json", "baseline.json"):
+  assert marker["medjax"] == medjax_version() and marker["inputs"] == "inputs.json"
+  for name in ("config.json", "preprocessing.json", "baseline.json", "inputs.json"):
     assert (model / name).read_bytes() == (run / name).read_bytes()
   card = (model / "MODEL_CARD.md").read_text()
   summary = json.loads((run / "eval" / "6" / "summary.json").read_text())
   for text in ("t1w → t2w", "Not for clinical use", "research only", "step 6",
-               "Training subjects: 3", "2 step(s) × 2 draw(s)", "not recorded",
+               "Training subjects: 3", "2 step(s) × 2 draw(s)", "`inputs.json`",
                f"{summary['model']['psnr']:.4g}", f"{summary['baseline']['psnr']:.4g}"):
     assert text in card
 

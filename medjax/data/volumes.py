@@ -372,6 +372,8 @@ def check_affine(path, affine: np.ndarray) -> None:
 def load(path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray]:
   """A 3D float32 volume and its voxel-to-RAS-world affine, or a `VolumeError`.
 
+  `path` is a file, or a `dicom.Series` already read from a DICOM folder.
+
   A header claiming more than `max_voxels` voxels is refused before the voxels are read
   (None: no limit).
   """
@@ -382,11 +384,7 @@ def load(path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray,
   path = Path(path)
   if not path.exists():
     raise VolumeError(path, "file does not exist")
-  if path.is_dir():  # a DICOM series folder (`dicom.read_series` picks series by UID)
-    from medjax.data import dicom
-    series = dicom.read_series(path, max_voxels=max_voxels)
-    return series.data, series.affine
-  if not path.is_file():  # a pipe or device a read would wait on forever
+  if not path.is_file():  # a folder (DICOM: `dicom.read_series` first), a pipe, a device
     raise VolumeError(path, "not a regular file")
   name = path.name.lower()
   if name.endswith((".mha", ".mhd")):
