@@ -67,7 +67,7 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
                    strict_inputs: bool = False,
                    steps: int | None = None, samples: int | None = None,
                    batch_size: int | None = None, seed: int | None = None,
-                   progress: bool = True, name: str | None = None,
+                   progress: bool = True, name: str | None = None, sidecar: bool = True,
                    max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS) -> dict:
   """Translate one subject's sources into `output` (and its std into `uncertainty`).
 
@@ -76,10 +76,11 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   automatic body mask. Written: the NIfTI `output`, and/or with a DICOM input and a CT
   target a CT series `output_dicom` (std: `uncertainty_dicom`), and beside the first of
   them a JSON sidecar (`sidecar_path`) saying what made it and how the input compared
-  with the training inputs. Inputs outside that range print warnings, or with
+  with the training inputs (`sidecar=False`: only returned, as "record"; directory mode
+  keeps it in its index). Inputs outside that range print warnings, or with
   `strict_inputs` are refused before anything is written. A volume of more than
   `max_voxels` voxels is refused before it is read. Returns {"slices", "seconds",
-  "output", "uncertainty", "warnings", "sidecar"}.
+  "output", "uncertainty", "warnings", "sidecar", "record"}.
   """
   from medjax.data import dicom
   start = time.perf_counter()
@@ -136,19 +137,21 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
     volumes.save_like(volume, reference, output)
   if uncertainty:
     volumes.save_like(spread, reference, uncertainty)
-  sidecar = sidecar_path(output or output_dicom)
-  files.write_json(sidecar, {
+  record = {
       "inputs": [str(p) for p in inputs], "output": str(output) if output else None,
       "uncertainty": str(uncertainty) if uncertainty else None, **written,
       "model": _model_record(run, steps, samples, seed),
       "input_check": {"warnings": warnings, "strict": strict_inputs,
                       "input": prepared.inputs, "trained": run.inputs,
                       "thresholds": input_checks.THRESHOLDS},
-      "seconds": round(time.perf_counter() - start, 3)})
+      "seconds": round(time.perf_counter() - start, 3)}
+  path = sidecar_path(output or output_dicom) if sidecar else None
+  if path:
+    files.write_json(path, record)
   return {"slices": int(mean.shape[0]), "seconds": time.perf_counter() - start,
           "output": str(output or output_dicom),
           "uncertainty": str(uncertainty) if uncertainty else None,
-          "warnings": warnings, "sidecar": str(sidecar)}
+          "warnings": warnings, "sidecar": str(path) if path else None, "record": record}
 
 
 def sidecar_path(output) -> Path:
@@ -253,7 +256,8 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
     uncertainty = output_dir / f"{stem}_std.nii.gz" if with_std else None
     try:
       result = translate_file(run, inputs, output, uncertainty=uncertainty,
-                              mask=subject.files.get("mask"), name=subject.id, **options)
+                              mask=subject.files.get("mask"), name=subject.id,
+                              sidecar=False, **options)
     except (UserError, ValueError, OSError) as error:
       if isinstance(error, OSError) and _output_fault(error, output_dir):
         raise  # a full or read-only disk: every later subject would fail alike
@@ -266,8 +270,15 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
         "std": os.path.relpath(uncertainty, output_dir) if uncertainty else None,
         "sources": [str(Path(p).resolve()) for p in inputs],
         "mask": str(Path(subject.files["mask"]).resolve()) if "mask" in subject.files else None,
-        "seconds": round(result["seconds"], 3)}
+        "seconds": round(result["seconds"], 3),
+        "input_check": {"warnings": result["warnings"],
+                        "input": result["record"]["input_check"]["input"]}}
+  # The index is the folder's sidecar: what made it, and each input against the training
+  # inputs (docs/design.md, "Input checks").
   index = {"target": run.target, "sources": list(sources), "step": run.step,
+           "model": _model_record(run, options.get("steps"), options.get("samples"),
+                                  options.get("seed")),
+           "trained_inputs": run.inputs, "thresholds": input_checks.THRESHOLDS,
            "subjects": done, "failed": failed}
   files.write_json(output_dir / INDEX, index, indent=1)
   return done, failed

@@ -196,3 +196,19 @@ def test_an_existing_output_folder_is_refused_before_any_work(ct_run, mr, tmp_pa
                    str(mr["folder"]), "--output-dicom", str(tmp_path / "sct")]) == 2
   assert "not an empty folder" in capsys.readouterr().err
   assert [p.name for p in (tmp_path / "sct").iterdir()] == ["keep.dcm"]
+
+
+def test_the_std_is_a_second_valid_series(ct_run, mr, tmp_path):
+  """--uncertainty-dicom: its own series in the same frame; the regression run's draws
+  are identical, so its std is exactly 0 HU (stored with intercept 0)."""
+  assert cli.main(["medjax", "translate", "--workdir", str(ct_run), "--input",
+                   str(mr["folder"]), "--output-dicom", str(tmp_path / "sct"),
+                   "--uncertainty-dicom", str(tmp_path / "std"), "--samples", "2"]) == 0
+  sct, std = (pydicom.dcmread(sorted((tmp_path / n).iterdir())[0]) for n in ("sct", "std"))
+  assert std.SeriesInstanceUID != sct.SeriesInstanceUID
+  assert std.FrameOfReferenceUID == mr["uids"]["frame"] and "std" in std.SeriesDescription
+  report = dciodvfy(sorted((tmp_path / "std").iterdir())[0])
+  assert "Error" not in report and "Warning" not in report, report
+  data, affine = sitk_series(tmp_path / "std")
+  assert data.shape == mr["values"].shape and not data.any()
+  np.testing.assert_allclose(affine, mr["affine"], atol=1e-4)
