@@ -69,11 +69,19 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
     physical = lambda unit: intensity.to_output_units(unit[..., 0], volume.target_params,
                                                       run.target)
     target, mask = physical(volume.target), volume.mask[..., 0]
+    # A misaligned phantom pair also carries the perfectly aligned target: scored against
+    # both, what a real study would see (`mae`) and the truth (`aligned_mae`)
+    # (docs/design.md, "Evaluation protocols").
+    aligned = getattr(volume, "target_aligned", None)
+    truth = physical(aligned) if aligned is not None else None
     row = {"subject": volume.subject}
     for name, pred in (("model", physical(prediction.mean)),
                        ("baseline", physical(run.baseline(volume.source)))):
       scores = metrics.score(pred, target, mask, protocol=run.protocol)
       row.update({f"{name}_{k}": v for k, v in scores.items()})
+      if truth is not None:
+        scores = metrics.score(pred, truth, mask, protocol=run.protocol)
+        row.update({f"{name}_aligned_{k}": v for k, v in scores.items()})
     rows.append(row)
     if progress is not None:
       progress(i + 1, len(volumes))
