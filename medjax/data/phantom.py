@@ -678,6 +678,67 @@ def generate(seed: int, subject: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACI
   return out
 
 
+# --------------------------------------------------------------------------- misalignment
+
+MISALIGN_NODE_MM = 20.0  # spacing of the random displacement lattice
+MISALIGN_REACH_MM = 140.0  # the lattice covers ±this about the volume's centre; beyond, it fades
+MISALIGN_LEVER_MM = 80.0  # rotation angle = magnitude / this: the head's edge moves ~magnitude
+
+
+def _bspline(t):
+  """The cubic B-spline kernel: C² smooth, support |t| < 2."""
+  t = np.abs(t)
+  return np.where(t < 1, 2 / 3 - t * t + t**3 / 2, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
+
+
+def displacement(shape, spacing, seed: int, subject: int, magnitude_mm: float) -> np.ndarray:
+  """(3, X, Y, Z) mm: where each voxel of the misaligned volume samples the aligned one,
+  minus its own position. A second session never lies where the first did: the head
+  moves rigidly (a shift of `magnitude_mm`, a rotation of magnitude/80 mm rad about the
+  volume's centre) and soft tissue, neck and positioning deform it smoothly (a random
+  lattice every 20 mm, cubic B-spline, node RMS `magnitude_mm`). In mm about the centre,
+  so one subject's warp is the same on any grid covering it."""
+  rng = np.random.default_rng([int(seed), int(subject), MISALIGN_STREAM])
+  count = int(round(2 * MISALIGN_REACH_MM / MISALIGN_NODE_MM)) + 1
+  nodes = rng.normal(size=(3, count, count, count))
+  nodes *= magnitude_mm / np.sqrt((nodes**2).sum(0).mean())
+  direction = rng.normal(size=3)
+  shift = magnitude_mm * direction / np.linalg.norm(direction)
+  axis = rng.normal(size=3)
+  axis /= np.linalg.norm(axis)
+  angle = magnitude_mm / MISALIGN_LEVER_MM * rng.choice((-1.0, 1.0))
+  cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+  rotation = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+  mm = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+  lattice = (np.arange(count) - (count - 1) / 2) * MISALIGN_NODE_MM
+  bx, by, bz = (_bspline((a[:, None] - lattice[None]) / MISALIGN_NODE_MM) for a in mm)
+  field = np.einsum("cijk,xi,yj,zk->cxyz", nodes, bx, by, bz, optimize=True)
+  points = np.stack(np.meshgrid(*mm, indexing="ij"))
+  rigid = np.einsum("ab,bxyz->axyz", rotation - np.eye(3), points) + shift[:, None, None, None]
+  return (field + rigid).astype(np.float32)
+
+
+def misalign(volume: np.ndarray, spacing, seed: int, subject: int, magnitude_mm: float,
+             order: int = 1, cval: float | None = None) -> np.ndarray:
+  """`volume` as a second session would see the same head: warped through
+  `displacement` (deterministic per seed and subject). cval None repeats the edge voxels
+  (air stays air); magnitude 0 returns `volume` itself."""
+  if not (math.isfinite(magnitude_mm) and magnitude_mm >= 0):
+    raise ValueError(f"magnitude_mm must be finite and ≥ 0, got {magnitude_mm}")
+  if magnitude_mm == 0:
+    return volume
+  from scipy import ndimage
+  shift = displacement(volume.shape, spacing, seed, subject, magnitude_mm)
+  shift /= np.asarray(spacing, np.float32)[:, None, None, None]
+  shift += np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in volume.shape),
+                                indexing="ij"))
+  mode = "nearest" if cval is None else "constant"
+  out = ndimage.map_coordinates(volume, shift, order=order, mode=mode,
+                                cval=0.0 if cval is None else cval, prefilter=order > 1)
+  return out.astype(volume.dtype)
+
+
 # --------------------------------------------------------------------------- subjects on disk
 
 
@@ -717,10 +778,17 @@ def _nifti(volume: np.ndarray, affine: np.ndarray):
   return image
 
 
+SECOND_SESSION = ("ct", "cbct")  # scanned apart from the one MR session: misaligned
+
+
 def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING,
-                   seed: int = 0, progress: bool = True) -> list[Path]:
+                   seed: int = 0, progress: bool = True, misalign_mm: float = 0.0) -> list[Path]:
   """Write subjects 0..N-1 as out_dir/phantom_XXX/{modality}.nii.gz and mask.nii.gz, and
-  out_dir/split.json naming the folders of each split. Returns the subject folders."""
+  out_dir/split.json naming the folders of each split. Returns the subject folders.
+
+  misalign_mm > 0: CT and CBCT come from other sessions than the MR sequences (which
+  stay aligned to each other and to the mask): ct and cbct are written through `misalign`,
+  and ct_aligned, cbct_aligned keep where they truly lie."""
   import nibabel as nib
   from tqdm.auto import tqdm
 
@@ -733,7 +801,11 @@ def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFA
     volumes = generate(seed, subject, shape, spacing)
     folder = out_dir / names[subject]
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (*MODALITIES, "mask"):
+    aligned = [f"{m}_aligned" for m in SECOND_SESSION] if misalign_mm > 0 else []
+    for name in SECOND_SESSION if misalign_mm > 0 else ():
+      volumes[f"{name}_aligned"] = volumes[name]
+      volumes[name] = misalign(volumes[name], spacing, seed, subject, misalign_mm)
+    for name in (*MODALITIES, "mask", *aligned):
       with files.atomic_write(folder / f"{name}.nii.gz") as tmp:
         nib.save(_nifti(volumes[name], volumes["affine"]), tmp)
     folders.append(folder)
