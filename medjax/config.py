@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
 import runpy
@@ -42,6 +43,9 @@ HELP = {
     "data.phantom.seed": "seed of the phantom anatomy (subject i of seed s is always the same)",
     "data.phantom.shape": "phantom grid in voxels (x, y, z); slices are axial (x, y)",
     "data.phantom.spacing": "phantom voxel size in mm (x, y, z)",
+    "data.phantom.misalign": "mm: warp each phantom target by a per-subject rigid motion and "
+                             "smooth deformation of this size (imperfect pairs; "
+                             "Volume.target_aligned keeps the truth); 0: perfect pairs",
     "model.name": "backbone: " + " | ".join(repr(m) for m in sorted(models.MODELS)),
     "train.total_steps": "training steps (optimiser updates)",
     "train.batch_size": "global batch (slices), split over the mesh's devices",
@@ -92,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
       "kind": "phantom", "dir": "", "source": ("t1w",), "target": "t2w", "augment": True,
       "unpaired": False, "workers": 0,
       "phantom": {"subjects": 20, "seed": 0, "shape": (48, 48, 32),
-                  "spacing": (160 / 48, 160 / 48, 3.0)}})
+                  "spacing": (160 / 48, 160 / 48, 3.0), "misalign": 0.0}})
   config.model = model_config("unet")
   config.translator = translator_config("flow")
   config.train = ml_collections.ConfigDict({
@@ -379,6 +383,9 @@ def validate(config, num_devices: int = 1) -> None:
   if data.kind == "phantom" and min(data.phantom.shape) < metrics.MIN_SIDE:
     raise ConfigError(f"data.phantom.shape={tuple(data.phantom.shape)}: the evaluation's SSIM "
                       f"window needs at least {metrics.MIN_SIDE} voxels along every axis")
+  misalign = data.phantom.get("misalign", 0.0)
+  if not (isinstance(misalign, (int, float)) and math.isfinite(misalign) and misalign >= 0):
+    raise ConfigError(f"data.phantom.misalign={misalign!r}: expected a finite number of mm ≥ 0")
   if data.kind == "phantom" and data.phantom.subjects < 3:
     raise ConfigError(f"data.phantom.subjects={data.phantom.subjects}: the train, val and test "
                       "splits need at least 3 subjects")

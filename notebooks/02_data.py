@@ -66,7 +66,7 @@ def show(fig):
 # %% [markdown]
 # ## A dataset folder
 # `medjax phantom --output-dir DIR` writes the same files: one folder per subject with
-# `t1w, t2w, pd, flair, ct, mask .nii.gz` in RAS over the head.
+# `t1w, t2w, pd, flair, ct, cbct, mask .nii.gz` in RAS over the head.
 
 # %%
 root = workdir / "phantom_nifti"

@@ -50,8 +50,12 @@ def heads():
 def test_phantom_head_matches_the_true_mask(heads, modality):
   for key, head in heads.items():
     mask = body_mask(head[modality])
+    truth = head["mask"]
+    if modality == "cbct":  # the scan saw the head only inside its field of view
+      truth = truth * (phantom.cbct_field_of_view(phantom.draw_cbct(*key),
+                                                  phantom.Grid.make(SHAPE, SPACING)) >= 0.5)
     assert mask.dtype == bool and mask.shape == head[modality].shape
-    assert dice(mask, head["mask"]) >= MIN_DICE, (key, modality, dice(mask, head["mask"]))
+    assert dice(mask, truth) >= MIN_DICE, (key, modality, dice(mask, truth))
 
 
 @pytest.mark.parametrize("modality", ["t1w", "ct"])

@@ -104,6 +104,16 @@ def positive_int(text: str) -> int:
   return value
 
 
+def non_negative_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not (math.isfinite(value) and value >= 0):
+    raise argparse.ArgumentTypeError(f"{text} must be a finite number ≥ 0")
+  return value
+
+
 def add_max_voxels(parser) -> None:
   """`--max-voxels N`: the one limit on the size of a volume a command reads."""
   from medjax.data.volumes import DEFAULT_MAX_VOXELS

@@ -1,4 +1,5 @@
-"""`medjax phantom --output-dir DIR --subjects N [--shape 160x160x96] [--spacing 1x1x1]`."""
+"""`medjax phantom --output-dir DIR --subjects N [--shape 160x160x96] [--spacing 1x1x1]
+[--misalign MM]`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ HELP = "write phantom subjects as NIfTI files"
 
 def add_arguments(parser) -> None:
   parser.description = (
-      "Write phantom subjects as DIR/phantom_XXX/{t1w,t2w,pd,flair,ct,mask}.nii.gz\n"
+      "Write phantom subjects as DIR/phantom_XXX/{t1w,t2w,pd,flair,ct,cbct,mask}.nii.gz\n"
       "(float32, RAS affine) and DIR/split.json. Subject i of seed s is the same head on\n"
-      "any grid: `--shape 48x48x32` gives what the default experiment trains on.")
+      "any grid: `--shape 48x48x32` gives what the default experiment trains on.\n"
+      "--misalign 2 writes ct and cbct misaligned by ~2 mm (another session than the MR)\n"
+      "and the truth as ct_aligned, cbct_aligned.")
   parser.add_argument("--output-dir", required=True, help="where the subject folders go")
   common.alias(parser, "--out", "output_dir")
   parser.add_argument("--subjects", type=common.positive_int, required=True)
@@ -23,6 +26,9 @@ def add_arguments(parser) -> None:
                       help="voxel size in mm, e.g. 1x1x1 (default: the shape spans the "
                            "whole head, 160x160x96 mm)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--misalign", type=common.non_negative_float, default=0.0, metavar="MM",
+                      help="misalign ct and cbct by a rigid motion and smooth deformation of "
+                           "about MM mm (default 0: perfectly aligned pairs)")
 
 
 def run(args) -> int:
@@ -30,7 +36,7 @@ def run(args) -> int:
   shape = tuple(args.shape)
   spacing = tuple(args.spacing) if args.spacing else phantom.fov_spacing(shape)
   paths = phantom.write_subjects(args.output_dir, args.subjects, shape=shape, spacing=spacing,
-                                 seed=args.seed)
+                                 seed=args.seed, misalign_mm=args.misalign)
   print(f"wrote {len(paths)} phantom subjects ({'x'.join(map(str, shape))} voxels of "
         f"{'x'.join(f'{s:g}' for s in spacing)} mm) to {args.output_dir}")
   empty = [name for name, ids in phantom.split_subjects(args.subjects).items() if not ids]

@@ -1,4 +1,4 @@
-"""The built-in multimodal head phantom: (seed, subject) → T1w, T2w, PD, FLAIR, CT.
+"""The built-in multimodal head phantom: (seed, subject) → T1w, T2w, PD, FLAIR, CT, CBCT.
 
 Anatomy is drawn once per subject in millimetres, in a head frame (u: left → right,
 v: posterior → anterior, w: inferior → superior) that is rotated and shifted into the
@@ -7,7 +7,11 @@ boundary is a signed-distance-like field in mm; a linear ramp one voxel wide tur
 a tissue fraction (partial volume). Images are then physics, not paint: each voxel mixes
 the per-tissue MR signal equations (or HU for CT) by its tissue fractions, before a coil
 bias field and Rician noise (MR) or Gaussian noise (CT). Bone and air are both dark on MR,
-so MR → CT has to use context, as with real data.
+so MR → CT has to use context, as with real data. The CBCT is the same anatomy's CT
+through a cone-beam scanner's faults (field-of-view truncation, scatter cupping, bone
+streaks, more noise, a miscalibrated HU scale), from its own random stream so that adding
+it changed no other image; `misalign` warps a volume as a second session's scan would lie
+(docs/design.md, "The phantom").
 
 Speed: smooth fields (head shape, skull thickness, cortical folding, bias, bone density)
 are evaluated on a coarse 3 mm lattice and upsampled by separable linear interpolation
@@ -26,7 +30,7 @@ import numpy as np
 
 from medjax import files
 
-MODALITIES = ("t1w", "t2w", "pd", "flair", "ct")
+MODALITIES = ("t1w", "t2w", "pd", "flair", "ct", "cbct")
 MR_SEQUENCES = MODALITIES[:4]
 DEFAULT_SHAPE = (160, 160, 96)
 DEFAULT_SPACING = (1.0, 1.0, 1.0)
@@ -74,6 +78,10 @@ NOISE_FRACTION = 0.025  # Rician sigma, as a fraction of each sequence's WM sign
 CT_NOISE_HU = 10.0
 BONE_HU_RANGE = (700.0, 1800.0)
 COARSE_MM = 3.0  # lattice of the smooth fields
+
+# Random streams of np.random.default_rng([seed, subject, stream]): a new stream never
+# moves the draws of an old one, so old images stay bit-identical.
+ANATOMY_STREAM, NOISE_STREAM, CBCT_STREAM, MISALIGN_STREAM, CBCT_NOISE_STREAM = range(5)
 
 
 def signal(tissue_params: Tissue | str, sequence: Sequence | str) -> float:
@@ -163,7 +171,7 @@ FOLD_RADIUS = 55.0  # mm: folds are drawn on this sphere and projected radially
 
 def draw_head(seed: int, subject: int) -> Head:
   """The anatomy of one subject; independent of the grid it is rendered on."""
-  rng = np.random.default_rng([seed, subject, 0])
+  rng = np.random.default_rng([seed, subject, ANATOMY_STREAM])
   u = rng.uniform
   axes = (u(55, 63), u(65, 71), u(66, 74), 3 * u(66, 74))
   # The scalp's top stays ~4 mm under z = 48 (the top of the default field of view).
@@ -507,14 +515,125 @@ def _labels(fractions):
   return labels
 
 
+# --------------------------------------------------------------------------- CBCT
+
+CBCT_FOV_RADIUS_MM = 64.0  # the detector's reach: 0.4 × the 160 mm field; the head is longer
+CBCT_LENGTH_MM = 80.0  # cone-beam z coverage, shorter than the 96 mm slab
+CBCT_NOISE_HU = (25.0, 40.0)  # fewer photons per projection than CT (CT_NOISE_HU)
+CBCT_GAIN = (0.9, 1.1)
+CBCT_OFFSET_HU = (-60.0, 60.0)
+
+
+class Streak(NamedTuple):
+  angle: float  # rad, direction of the line's normal in the axial plane
+  offset: float  # mm, from the head's centre: the ray crosses the skull twice, obliquely
+  z: float  # mm, height of the dense bone that casts it
+  reach: float  # mm, half-height (1/e) of the slab it shows in
+  width: float  # mm, Gaussian sigma across the line
+  hu: float  # amplitude: mostly dark (photon starvation), sometimes bright
+
+
+class Cbct(NamedTuple):
+  """One subject's cone-beam scan: where it looked and how it failed (scanner mm, HU)."""
+  fov_centre: tuple  # (x, y) of the rotation axis
+  fov_z: tuple  # (lo, hi) covered along z
+  cupping: float  # HU, depression at the head's centre
+  shading: Waves  # low-frequency scatter shading, HU
+  streaks: tuple  # Streak, ...
+  noise: float  # HU, Gaussian sigma
+  gain: float  # HU' = gain·HU + offset
+  offset: float
+
+
+def draw_cbct(seed: int, subject: int) -> Cbct:
+  """The CBCT scan of one subject, from its own random stream (CBCT_STREAM)."""
+  rng = np.random.default_rng([int(seed), int(subject), CBCT_STREAM])
+  u = rng.uniform
+  centre = (u(-3, 3), u(-3, 3))
+  z = u(-4, 4)
+  cupping = u(50, 100)
+  shading = _waves(rng, 3, (150, 300), 10.0)
+  streaks = tuple(Streak(angle=u(0, 2 * np.pi), offset=u(10, 45), z=u(-35, 25),
+                         reach=u(8, 20), width=u(1.5, 3.0),
+                         hu=u(60, 150) * (-1 if rng.random() < 0.75 else 1))
+                  for _ in range(int(rng.integers(2, 5))))
+  return Cbct(fov_centre=centre, fov_z=(z - CBCT_LENGTH_MM / 2, z + CBCT_LENGTH_MM / 2),
+              cupping=cupping, shading=shading, streaks=streaks, noise=u(*CBCT_NOISE_HU),
+              gain=u(*CBCT_GAIN), offset=u(*CBCT_OFFSET_HU))
+
+
+def cbct_field_of_view(scan: Cbct, grid: Grid) -> np.ndarray:
+  """Fraction of each voxel the scan reconstructed: a cylinder about the S axis (the
+  detector is narrower than the head, so its sides are truncated) cut to the cone's
+  shorter z coverage. Partial volume at its edges, like every boundary here."""
+  x, y, z = grid.points((slice(None),) * 3)
+  cx, cy = scan.fov_centre
+  radial = CBCT_FOV_RADIUS_MM - np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+  lo, hi = scan.fov_z
+  along = np.minimum(z - lo, hi - z)
+  return _ramp(np.minimum(radial, along), grid.edge)
+
+
+def ellipsoid_radius(head: Head, grid: Grid) -> np.ndarray:
+  """Each voxel's radius in the scalp's ellipsoid (bumps and brow aside): 0 at the
+  head-frame origin, 1 at the scalp."""
+  u, v, w = _to_head(head, *grid.points((slice(None),) * 3))
+  lr, ap, up, down = head.axes
+  height = np.where(w > 0, np.float32(up), np.float32(down))
+  return np.sqrt((u / lr) ** 2 + (v / ap) ** 2 + (w / height) ** 2)
+
+
+def cbct_cupping(scan: Cbct, head: Head, grid: Grid) -> np.ndarray:
+  """Scatter adds a smooth background to every projection, largest where the ray crosses
+  the most head, so reconstructed HU sag towards the centre: a paraboloid over the
+  scalp's ellipsoid, −cupping at its centre, 0 at the scalp; plus a gentle shading."""
+  cup = np.clip(1.0 - ellipsoid_radius(head, grid) ** 2, 0.0, 1.0)
+  cup *= -scan.cupping
+  cup += scan.shading(*grid.points((slice(None),) * 3))
+  return cup.astype(np.float32)
+
+
+def cbct_streaks(scan: Cbct, head: Head, grid: Grid) -> np.ndarray:
+  """Beam hardening and photon starvation along the rays that run longest through dense
+  bone (tangent to the skull): straight lines across the axial plane, fading smoothly
+  above and below the bone that casts them."""
+  x, y, z = grid.axes
+  cx, cy = head.centre[:2].tolist()
+  out = np.zeros(grid.shape, np.float32)
+  for streak in scan.streaks:
+    across = (x[:, None] - cx) * math.cos(streak.angle) + (y[None, :] - cy) * math.sin(streak.angle)
+    line = np.exp(-0.5 * ((across - streak.offset) / streak.width) ** 2)
+    slab = np.exp(-(((z - streak.z) / streak.reach) ** 2))
+    out += (streak.hu * line)[:, :, None] * slab[None, None, :]
+  return out
+
+
+def cbct_image(ct: np.ndarray, scan: Cbct, head: Head, grid: Grid, rng, noise: bool = True):
+  """The CBCT of a noiseless CT (HU): cupping and streaks, the HU scale miscalibrated
+  (gain, offset), noise, then air (−1000 HU) outside the field of view."""
+  image = ct + cbct_cupping(scan, head, grid)
+  image += cbct_streaks(scan, head, grid)
+  image *= scan.gain
+  image += scan.offset
+  if noise:
+    gaussian, _ = _gaussian_pair(rng, grid.shape)
+    gaussian *= scan.noise
+    image += gaussian
+  inside = cbct_field_of_view(scan, grid)
+  image *= inside
+  image -= 1000.0 * (1.0 - inside)
+  return image.astype(np.float32)
+
+
 def generate(seed: int, subject: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, *,
              bias: bool = True, noise: bool = True) -> dict[str, np.ndarray]:
   """One phantom subject on a grid centred on 0 mm.
 
   Returns float32 volumes "t1w", "t2w", "pd", "flair" (arbitrary units, WM ≈ 0.1-0.3),
-  "ct" (HU), "mask" (0/1 head), uint8 "labels" (dominant tissue, see TISSUES), and the
-  RAS+ "affine". Deterministic in (seed, subject, shape, spacing); the anatomy depends on
-  (seed, subject) only. bias=False, noise=False give the noiseless, bias-free images.
+  "ct" and "cbct" (HU), "mask" (0/1 head), uint8 "labels" (dominant tissue, see TISSUES),
+  and the RAS+ "affine". Deterministic in (seed, subject, shape, spacing); the anatomy
+  depends on (seed, subject) only. bias=False, noise=False give the noiseless, bias-free
+  images (the CBCT keeps its artefacts: they are the scanner's, not noise).
   """
   if int(seed) < 0 or int(subject) < 0:
     raise ValueError(f"seed and subject must be non-negative, got seed={seed}, subject={subject}")
@@ -524,13 +643,14 @@ def generate(seed: int, subject: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACI
 
   table = np.array([[signal(p, s) for p in TISSUE_PARAMS.values()] for s in MR_SEQUENCES]
                    + [[p.hu for p in TISSUE_PARAMS.values()]], np.float32)
-  images = (table @ fractions.reshape(len(TISSUES), -1)).reshape(len(MODALITIES), *grid.shape)
+  images = (table @ fractions.reshape(len(TISSUES), -1)).reshape(len(table), *grid.shape)
   bone = fractions[TISSUES["bone"]]
   bone_hu -= TISSUE_PARAMS["bone"].hu
   bone_hu *= bone
   images[-1] += bone_hu
+  clean_ct = images[-1].copy()
 
-  rng = np.random.default_rng([int(seed), int(subject), 1])
+  rng = np.random.default_rng([int(seed), int(subject), NOISE_STREAM])
   # One bias field for all sequences: it is mostly the receive coil's sensitivity, which
   # is the same for every sequence of a session (same coil, same head position).
   for index, sequence in enumerate(MR_SEQUENCES):
@@ -549,9 +669,74 @@ def generate(seed: int, subject: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACI
     ct_noise *= CT_NOISE_HU
     images[-1] += ct_noise
 
-  out = {name: images[index] for index, name in enumerate(MODALITIES)}
+  out = {name: images[index] for index, name in enumerate((*MR_SEQUENCES, "ct"))}
+  # Last, from its own stream: the CBCT changes none of the draws above.
+  scan = draw_cbct(seed, subject)
+  cbct_rng = np.random.default_rng([int(seed), int(subject), CBCT_NOISE_STREAM])
+  out["cbct"] = cbct_image(clean_ct, scan, head, grid, cbct_rng, noise=noise)
   out.update(mask=mask, labels=_labels(fractions), affine=grid.affine)
   return out
+
+
+# --------------------------------------------------------------------------- misalignment
+
+MISALIGN_NODE_MM = 20.0  # spacing of the random displacement lattice
+MISALIGN_REACH_MM = 140.0  # the lattice covers ±this about the volume's centre; beyond, it fades
+MISALIGN_LEVER_MM = 80.0  # rotation angle = magnitude / this: the head's edge moves ~magnitude
+
+
+def _bspline(t):
+  """The cubic B-spline kernel: C² smooth, support |t| < 2."""
+  t = np.abs(t)
+  return np.where(t < 1, 2 / 3 - t * t + t**3 / 2, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
+
+
+def displacement(shape, spacing, seed: int, subject: int, magnitude_mm: float) -> np.ndarray:
+  """(3, X, Y, Z) mm: where each voxel of the misaligned volume samples the aligned one,
+  minus its own position. A second session never lies where the first did: the head
+  moves rigidly (a shift of `magnitude_mm`, a rotation of magnitude/80 mm rad about the
+  volume's centre) and soft tissue, neck and positioning deform it smoothly (a random
+  lattice every 20 mm, cubic B-spline, node RMS `magnitude_mm`). In mm about the centre,
+  so one subject's warp is the same on any grid covering it."""
+  rng = np.random.default_rng([int(seed), int(subject), MISALIGN_STREAM])
+  count = int(round(2 * MISALIGN_REACH_MM / MISALIGN_NODE_MM)) + 1
+  nodes = rng.normal(size=(3, count, count, count))
+  nodes *= magnitude_mm / np.sqrt((nodes**2).sum(0).mean())
+  direction = rng.normal(size=3)
+  shift = magnitude_mm * direction / np.linalg.norm(direction)
+  axis = rng.normal(size=3)
+  axis /= np.linalg.norm(axis)
+  angle = magnitude_mm / MISALIGN_LEVER_MM * rng.choice((-1.0, 1.0))
+  cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+  rotation = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+  mm = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+  lattice = (np.arange(count) - (count - 1) / 2) * MISALIGN_NODE_MM
+  bx, by, bz = (_bspline((a[:, None] - lattice[None]) / MISALIGN_NODE_MM) for a in mm)
+  field = np.einsum("cijk,xi,yj,zk->cxyz", nodes, bx, by, bz, optimize=True)
+  points = np.stack(np.meshgrid(*mm, indexing="ij"))
+  rigid = np.einsum("ab,bxyz->axyz", rotation - np.eye(3), points) + shift[:, None, None, None]
+  return (field + rigid).astype(np.float32)
+
+
+def misalign(volume: np.ndarray, spacing, seed: int, subject: int, magnitude_mm: float,
+             order: int = 1, cval: float | None = None) -> np.ndarray:
+  """`volume` as a second session would see the same head: warped through
+  `displacement` (deterministic per seed and subject). cval None repeats the edge voxels
+  (air stays air); magnitude 0 returns `volume` itself."""
+  if not (math.isfinite(magnitude_mm) and magnitude_mm >= 0):
+    raise ValueError(f"magnitude_mm must be finite and ≥ 0, got {magnitude_mm}")
+  if magnitude_mm == 0:
+    return volume
+  from scipy import ndimage
+  shift = displacement(volume.shape, spacing, seed, subject, magnitude_mm)
+  shift /= np.asarray(spacing, np.float32)[:, None, None, None]
+  shift += np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in volume.shape),
+                                indexing="ij"))
+  mode = "nearest" if cval is None else "constant"
+  out = ndimage.map_coordinates(volume, shift, order=order, mode=mode,
+                                cval=0.0 if cval is None else cval, prefilter=order > 1)
+  return out.astype(volume.dtype)
 
 
 # --------------------------------------------------------------------------- subjects on disk
@@ -593,10 +778,17 @@ def _nifti(volume: np.ndarray, affine: np.ndarray):
   return image
 
 
+SECOND_SESSION = ("ct", "cbct")  # scanned apart from the one MR session: misaligned
+
+
 def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING,
-                   seed: int = 0, progress: bool = True) -> list[Path]:
+                   seed: int = 0, progress: bool = True, misalign_mm: float = 0.0) -> list[Path]:
   """Write subjects 0..N-1 as out_dir/phantom_XXX/{modality}.nii.gz and mask.nii.gz, and
-  out_dir/split.json naming the folders of each split. Returns the subject folders."""
+  out_dir/split.json naming the folders of each split. Returns the subject folders.
+
+  misalign_mm > 0: CT and CBCT come from other sessions than the MR sequences (which
+  stay aligned to each other and to the mask): ct and cbct are written through `misalign`,
+  and ct_aligned, cbct_aligned keep where they truly lie."""
   import nibabel as nib
   from tqdm.auto import tqdm
 
@@ -609,7 +801,11 @@ def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFA
     volumes = generate(seed, subject, shape, spacing)
     folder = out_dir / names[subject]
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (*MODALITIES, "mask"):
+    aligned = [f"{m}_aligned" for m in SECOND_SESSION] if misalign_mm > 0 else []
+    for name in SECOND_SESSION if misalign_mm > 0 else ():
+      volumes[f"{name}_aligned"] = volumes[name]
+      volumes[name] = misalign(volumes[name], spacing, seed, subject, misalign_mm)
+    for name in (*MODALITIES, "mask", *aligned):
       with files.atomic_write(folder / f"{name}.nii.gz") as tmp:
         nib.save(_nifti(volumes[name], volumes["affine"]), tmp)
     folders.append(folder)

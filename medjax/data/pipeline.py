@@ -39,13 +39,21 @@ def phantom_volume(config, subject: int) -> Volume:
     return np.moveaxis(intensity.normalise(vols[modality], params), -1, 0), params
 
   sources = [unit(m)[0] for m in modalities.as_tuple(config.data.source)]
+  aligned = None
+  misalign = float(p.get("misalign", 0.0))
+  if misalign > 0:  # an imperfect pair: the target from another session (docs/design.md)
+    t = config.data.target
+    aligned = vols[t]
+    vols[t] = phantom.misalign(aligned, tuple(p.spacing), p.seed, subject, misalign)
   target, target_params = unit(config.data.target)
+  if aligned is not None:  # the truth, scaled as the target training sees
+    aligned = np.moveaxis(intensity.normalise(aligned, target_params), -1, 0)[..., None]
   return Volume(
       subject=f"phantom_{subject:03d}",
       source=np.stack(sources, -1),
       target=target[..., None],
       mask=np.moveaxis(mask, -1, 0)[..., None].astype(np.float32),
-      target_params=target_params)
+      target_params=target_params, target_aligned=aligned)
 
 
 class PhantomSlices(grain.sources.RandomAccessDataSource):

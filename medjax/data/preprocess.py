@@ -170,6 +170,9 @@ class Volume:
   target: np.ndarray
   mask: np.ndarray
   target_params: dict  # intensity.denormalise parameters of the target modality
+  # The target where it truly lies, when `target` is misaligned (the phantom's
+  # data.phantom.misalign); scaled with target_params. None: the pair is aligned.
+  target_aligned: np.ndarray | None = None
 
 
 def with_context(source: np.ndarray, context: int) -> np.ndarray:
