@@ -57,6 +57,8 @@ HELP = {
                           "inference. regression, flow and pix2pix",
     "train.registration_smoothness": "weight of R's displacement smoothness penalty against "
                                      "the registered image term ('deformable')",
+    "train.registration_lr_scale": "R's learning rate (and weight decay) relative to "
+                                   "train.learning_rate ('deformable')",
     "train.log_every": "steps between fetching, checking and logging the training metrics "
                        "(the host runs ahead of the device in between)",
     "train.profile_steps": "(START, COUNT): write a jax.profiler trace of COUNT steps from "
@@ -105,7 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict({
       "total_steps": 1000, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 100,
       "weight_decay": 1e-4, "grad_clip": 1.0, "ema_decay": 0.999, "log_every": 25,
-      "profile_steps": (), "registration": "none", "registration_smoothness": 10.0})
+      "profile_steps": (), "registration": "none", "registration_smoothness": 10.0,
+      "registration_lr_scale": 1.0})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4})
   config.checkpoint = ml_collections.ConfigDict({"every": 250, "max_to_keep": 2})

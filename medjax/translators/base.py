@@ -84,6 +84,8 @@ class Translator:
     # R of registration-aware training, or None (docs/design.md, "Registration-aware
     # training"); with None every step is exactly what it was before R existed.
     self.registration = registration_lib.build(config, self.name)
+    if self.registration is not None:
+      self.tx = registration_lib.optimizer(self.tx, config)
 
   def build_model(self, config):
     model = config.model.to_dict()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from medjax import warp
 from medjax.models.registration import RegistrationNet
@@ -64,7 +65,24 @@ def build(config, method: str) -> Registration | None:
   weight = float(config.train.get("registration_smoothness", 10.0))
   if not weight >= 0.0:
     raise ValueError(f"train.registration_smoothness={weight} must be ≥ 0")
+  if not lr_scale(config) > 0.0:
+    raise ValueError(f"train.registration_lr_scale={lr_scale(config)} must be positive")
   return Registration(weight)
+
+
+def lr_scale(config) -> float:
+  return float(config.train.get("registration_lr_scale", 1.0))
+
+
+def optimizer(tx, config) -> optax.GradientTransformation:
+  """`tx` over {generator, registration} with R's updates (its learning rate and weight
+  decay) scaled by `train.registration_lr_scale`: Adam moves each weight by about the
+  learning rate per step, and R's output is in voxels, so a shift of a few voxels takes
+  many steps at a generator's learning rate."""
+  scale = lr_scale(config)
+  if scale == 1.0:
+    return tx
+  return optax.chain(tx, optax.masked(optax.scale(scale), {GENERATOR: False, REGISTRATION: True}))
 
 
 def join(generator, registration):
