@@ -51,10 +51,9 @@ HELP = {
     "train.weight_decay": "AdamW decoupled weight decay",
     "train.grad_clip": "global gradient-norm clip",
     "train.ema_decay": "EMA decay of the parameters evaluation and translation use",
-    "train.registration": "'none' | 'deformable': train a registration network R beside the "
-                          "generator that warps its prediction onto the (imperfectly "
-                          "aligned) target before the loss (RegGAN); R is discarded at "
-                          "inference. regression, flow and pix2pix",
+    "train.registration": "'none' | 'deformable' (regression, flow, pix2pix): a network R "
+                          "warps the prediction onto the imperfectly aligned target before "
+                          "the loss (RegGAN); R is discarded at inference",
     "train.registration_smoothness": "weight of R's displacement smoothness penalty against "
                                      "the registered image term ('deformable')",
     "train.registration_lr_scale": "R's learning rate (and weight decay) relative to "
