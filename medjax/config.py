@@ -22,6 +22,7 @@ import ml_collections
 
 from medjax import metrics, models, modalities, translators
 from medjax.errors import ConfigError
+from medjax.translators import registration as registration_lib
 
 # Keys that may change between a run and its resumption without making it another
 # experiment: train longer, evaluate or sample differently, log differently, trade
@@ -54,6 +55,13 @@ HELP = {
     "train.weight_decay": "AdamW decoupled weight decay",
     "train.grad_clip": "global gradient-norm clip",
     "train.ema_decay": "EMA decay of the parameters evaluation and translation use",
+    "train.registration": "'none' | 'deformable' (regression, flow, pix2pix): a network R "
+                          "warps the prediction onto the imperfectly aligned target before "
+                          "the loss (RegGAN); R is discarded at inference",
+    "train.registration_smoothness": "weight of R's displacement smoothness penalty against "
+                                     "the registered image term ('deformable')",
+    "train.registration_lr_scale": "R's learning rate (and weight decay) relative to "
+                                   "train.learning_rate ('deformable')",
     "train.log_every": "steps between fetching, checking and logging the training metrics "
                        "(the host runs ahead of the device in between)",
     "train.profile_steps": "(START, COUNT): write a jax.profiler trace of COUNT steps from "
@@ -102,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict({
       "total_steps": 1000, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 100,
       "weight_decay": 1e-4, "grad_clip": 1.0, "ema_decay": 0.999, "log_every": 25,
-      "profile_steps": ()})
+      "profile_steps": (), "registration": "none", "registration_smoothness": 10.0,
+      "registration_lr_scale": 1.0})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4})
   config.checkpoint = ml_collections.ConfigDict({"every": 250, "max_to_keep": 2})
@@ -380,6 +389,10 @@ def validate(config, num_devices: int = 1) -> None:
                       "or () for no trace")
   if not 0.0 <= train.ema_decay < 1.0:
     raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in [0, 1)")
+  try:  # the translators' own check (translators/registration.py), as a ConfigError
+    registration_lib.build(config, config.translator.name)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   if data.kind == "phantom" and min(data.phantom.shape) < metrics.MIN_SIDE:
     raise ConfigError(f"data.phantom.shape={tuple(data.phantom.shape)}: the evaluation's SSIM "
                       f"window needs at least {metrics.MIN_SIDE} voxels along every axis")

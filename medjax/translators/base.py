@@ -23,6 +23,7 @@ import ml_collections
 import optax
 
 from medjax import models
+from medjax.translators import registration as registration_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -80,6 +81,11 @@ class Translator:
     self.config = config
     self.model = self.build_model(config)
     self.tx = make_optimizer(config.train)
+    # R of registration-aware training, or None (docs/design.md, "Registration-aware
+    # training"); with None every step is exactly what it was before R existed.
+    self.registration = registration_lib.build(config, self.name)
+    if self.registration is not None:
+      self.tx = registration_lib.optimizer(self.tx, config)
 
   def build_model(self, config):
     model = config.model.to_dict()
@@ -115,16 +121,24 @@ class Translator:
     return self.model.init(rng, target, t, source, train=False)["params"]
 
   def init(self, rng, batch) -> TrainState:
-    params = self.init_params(rng, batch)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+    params = registration_lib.init_params(self.registration, rng,
+                                          self.init_params(rng, batch), batch)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=self.generator_params(params),
                       opt_state=self.tx.init(params))
+
+  def generator_params(self, params):
+    """The generator's part of the trained `params`: all of them, unless R trains beside it.
+    The EMA, hence inference, holds this part only."""
+    return params if self.registration is None else params[registration_lib.GENERATOR]
 
   def train_step(self, state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, self.config.train.ema_decay, state.step)
+    ema = ema_update(state.ema_params, self.generator_params(params),
+                     self.config.train.ema_decay, state.step)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, ema_params=ema,
                          opt_state=opt_state), metrics

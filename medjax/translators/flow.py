@@ -8,6 +8,15 @@ x1 - x0. The network v(x_t, t | source) regresses that velocity:
 (logit-normal t puts the effort in mid-path, where the velocity is hardest to predict;
 Esser et al. 2024). Sampling integrates dx/dt = v from t=0 to 1 with Euler or Heun steps;
 the number of steps is chosen at sampling time.
+
+With `train.registration = 'deformable'` (docs/design.md, "Registration-aware training")
+the same loss is written in the clean prediction x̂1 = x_t + (1 - t) v, since
+|v - (x1 - x0)|² = |x̂1 - x1|² / (1 - t)², and x̂1 is warped onto the target first:
+
+    loss = E |warp(x̂1, R(x̂1, x1)) - x1|² / max(1 - t, 0.05)² + λ_smooth · smooth(R)
+
+(the clamp keeps t → 1, where x̂1 ≈ x_t already, from blowing up R's gradient; with a
+zero field it is the plain velocity loss for t ≤ 0.95.)
 """
 
 from __future__ import annotations
@@ -15,9 +24,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from medjax.translators import base
+from medjax.translators import base, registration
 
 SAMPLERS = ("euler", "heun")
+MIN_REMAINING = 0.05  # the floor of 1 - t in the registration-corrected loss
 
 
 class Flow(base.Translator):
@@ -39,8 +49,14 @@ class Flow(base.Translator):
     noise = jax.random.normal(rng_noise, target.shape)
     tb = t[:, None, None, None]
     x_t = (1.0 - tb) * noise + tb * target
-    velocity = self.apply(params, x_t, t, source, rng_drop, train=True)
-    return jnp.mean((velocity - (target - noise)) ** 2), {}
+    velocity = self.apply(self.generator_params(params), x_t, t, source, rng_drop, train=True)
+    if self.registration is None:
+      return jnp.mean((velocity - (target - noise)) ** 2), {}
+    clean = x_t + (1.0 - tb) * velocity
+    warped, penalty, metrics = self.registration.correct(
+        params[registration.REGISTRATION], clean, target)
+    mse = jnp.mean((warped - target) ** 2 / jnp.maximum(1.0 - tb, MIN_REMAINING) ** 2)
+    return mse + penalty, {"velocity_mse": mse, **metrics}
 
   def nfe(self, steps=None):
     steps = steps or self.config.translator.sample_steps

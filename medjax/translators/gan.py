@@ -68,7 +68,8 @@ class GANTranslator(base.Translator):
 
   def new_state(self, params, disc_params, **extra) -> GANState:
     cls = extra.pop("state_class", GANState)
-    return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               ema_params=self.generator_params(params),
                opt_state=self.tx.init(params), disc_params=disc_params,
                disc_opt_state=self.disc_tx.init(disc_params), **extra)
 
@@ -80,8 +81,8 @@ class GANTranslator(base.Translator):
                                                      state.disc_params)
     return state.replace(
         step=state.step + 1, params=params,
-        ema_params=base.ema_update(state.ema_params, params, self.config.train.ema_decay,
-                                   state.step),
+        ema_params=base.ema_update(state.ema_params, self.generator_params(params),
+                                   self.config.train.ema_decay, state.step),
         opt_state=opt_state, disc_params=optax.apply_updates(state.disc_params, d_updates),
         disc_opt_state=disc_opt_state, **changes)
 

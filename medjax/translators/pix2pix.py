@@ -7,6 +7,10 @@ close to the paired target:
     L_D = L_adv,D(D(source, target), D(source, G(source)))
 
 with the losses of `gan.py`. Both networks step together from the same forward pass.
+With `train.registration = 'deformable'` the L1 term compares warp(G(source), R(G(source),
+target)) with the target and adds λ_smooth · smooth(R) inside it (weighted by λ_L1 as the
+L1 is); D still judges the unwarped G(source), as in RegGAN (docs/design.md,
+"Registration-aware training").
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medjax.translators import gan
+from medjax.translators import gan, registration
 
 
 class Pix2Pix(gan.GANTranslator):
@@ -39,6 +43,7 @@ class Pix2Pix(gan.GANTranslator):
     rng_g, rng_d = jax.random.split(rng)
     source, target = batch["source"], batch["target"]
     params = self.model.init(rng_g, None, None, source, train=False)["params"]
+    params = registration.init_params(self.registration, rng_g, params, batch)
     disc_params = self.discriminator.init(
         rng_d, jnp.concatenate([source, target], -1), train=False)["params"]
     return self.new_state(params, disc_params)
@@ -48,19 +53,25 @@ class Pix2Pix(gan.GANTranslator):
     source, target = batch["source"], batch["target"]
 
     def g_loss(params):
-      fake = self.generate(params, source, rng, train=True)
+      fake = self.generate(self.generator_params(params), source, rng, train=True)
       adv = gan.generator_loss(self.gan_loss, self.judge(state.disc_params, source, fake))
-      l1 = jnp.mean(jnp.abs(fake - target))
-      return adv + self.lambda_l1 * l1, (fake, adv, l1)
+      if self.registration is None:
+        l1 = jnp.mean(jnp.abs(fake - target))
+        return adv + self.lambda_l1 * l1, (fake, adv, l1, {})
+      warped, penalty, extra = self.registration.correct(
+          params[registration.REGISTRATION], fake, target)
+      l1 = jnp.mean(jnp.abs(warped - target))
+      return adv + self.lambda_l1 * (l1 + penalty), (fake, adv, l1, extra)
 
     def d_loss(disc_params, fake):
       return gan.discriminator_loss(self.gan_loss, self.judge(disc_params, source, target),
                                     self.judge(disc_params, source, fake))
 
-    (loss, (fake, adv, l1)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(state.params)
+    (loss, (fake, adv, l1, extra)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(
+        state.params)
     # D sees the generator's output as data: no gradient flows back into G from its loss.
     disc_loss, d_grads = jax.value_and_grad(d_loss)(state.disc_params,
                                                      jax.lax.stop_gradient(fake))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm((g_grads, d_grads)),
-               "g_adv": adv, "l1": l1, "d_loss": disc_loss}
+               "g_adv": adv, "l1": l1, "d_loss": disc_loss, **extra}
     return self.update(state, g_grads, d_grads), metrics

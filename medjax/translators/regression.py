@@ -1,14 +1,18 @@
 """Direct regression: the U-Net maps source to target under an L1 loss.
 
 The baseline every generative method has to beat: one network evaluation, no sampling,
-and the conditional median as its answer.
+and the conditional median as its answer. With `train.registration = 'deformable'` the
+L1 is taken after warping the prediction onto the target (docs/design.md,
+"Registration-aware training"):
+
+    loss = |warp(pred, R(pred, target)) - target|₁ + λ_smooth · smooth(R(pred, target))
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from medjax.translators import base
+from medjax.translators import base, registration
 
 
 class Regression(base.Translator):
@@ -22,9 +26,13 @@ class Regression(base.Translator):
     return self.apply(params, None, None, source, rng, train=train)
 
   def loss(self, params, batch, rng):
-    pred = self._predict(params, batch["source"], rng, train=True)
-    loss = jnp.mean(jnp.abs(pred - batch["target"]))
-    return loss, {}
+    pred = self._predict(self.generator_params(params), batch["source"], rng, train=True)
+    if self.registration is None:
+      return jnp.mean(jnp.abs(pred - batch["target"])), {}
+    warped, penalty, metrics = self.registration.correct(
+        params[registration.REGISTRATION], pred, batch["target"])
+    l1 = jnp.mean(jnp.abs(warped - batch["target"]))
+    return l1 + penalty, {"l1": l1, **metrics}
 
   def translate(self, params, source, rng=None, *, steps=None, samples=1):
     pred = jnp.clip(self._predict(params, source, train=False), -1.0, 1.0)
