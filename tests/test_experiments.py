@@ -26,7 +26,9 @@ VARIANTS = (
     + [f"{name}.py:method={m}" for name in ("synthrad2023_mr_ct", "synthrad2023_cbct_ct",
                                             "brats_t1_t2", "ixi_t1_t2")
        for m in config_lib.METHODS]
-    + ["synthrad2023_cbct_ct.py:method=regression,size=tiny"])
+    + ["synthrad2023_cbct_ct.py:method=regression,size=tiny", "phantom_cbct_ct.py",
+       "phantom_cbct_ct.py:method=flow", "phantom_cbct_ct.py:registration=deformable,misalign=4",
+       "phantom.py:target=ct,misalign=2,registration=deformable"])
 
 
 def load(spec: str):
