@@ -111,3 +111,31 @@ def test_command_writes_misaligned_ct_and_the_truth(tmp_path):
     np.testing.assert_array_equal(read(moved / f"{name}.nii.gz"), read(plain / f"{name}.nii.gz"))
   assert cli.main(["medjax", "phantom", "--output-dir", str(tmp_path / "x"), *common,
                    "--misalign", "-1"]) == 2
+
+
+def test_evaluation_scores_against_the_misaligned_target_and_the_truth():
+  """A misaligned run's evaluation: `mae` against the target it trained on, `aligned_mae`
+  against the truth — each equal to `metrics.score` of the same prediction on that volume,
+  and a perfect translation of the truth scores perfectly only against the truth."""
+  from medjax import evaluate, metrics
+  from medjax.data import intensity
+  from medjax.run import Run
+  from conftest import tiny_config
+  config = tiny_config("regression", "ct")
+  config.unlock()
+  config.data.phantom.misalign = 4.0
+  run = Run.fresh(config)
+  volumes = pipeline.eval_volumes(config, "val")
+  summary, rows, predictions = evaluate.evaluate(run, volumes)
+  volume, row, prediction = volumes[0], rows[0], predictions[0]
+  hu = lambda unit: intensity.to_output_units(unit[..., 0], volume.target_params, "ct")
+  mask = volume.mask[..., 0]
+  for key, target in (("model_", volume.target), ("model_aligned_", volume.target_aligned)):
+    expected = metrics.score(hu(prediction.mean), hu(target), mask, protocol="synthrad2023")
+    assert all(np.isclose(row[key + k], v) for k, v in expected.items())
+  assert {"aligned_mae", "aligned_psnr", "aligned_ssim"} <= set(summary["baseline"])
+  truth = metrics.score(hu(volume.target_aligned), hu(volume.target_aligned), mask,
+                        protocol="synthrad2023")
+  seen = metrics.score(hu(volume.target_aligned), hu(volume.target), mask,
+                       protocol="synthrad2023")
+  assert truth["mae"] == 0 and seen["mae"] > 5  # 4 mm costs HU at every edge
