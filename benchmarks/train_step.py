@@ -487,6 +487,7 @@ def parts(medjax: "MedjaxStep", repeats: int) -> dict:
 
 def torch_available() -> str | None:
   try:
+    import einops  # noqa: F401  (MONAI's attention blocks need it; an optional MONAI dep)
     import monai  # noqa: F401
     import torch  # noqa: F401
   except ImportError as error:
