@@ -79,7 +79,8 @@ fi
 for dtype in float32 bfloat16; do
   log="$OUT/train_step_$dtype.log"
   echo "== train_step.py ${STEP_ARGS[*]} --dtype $dtype (cap ${BENCH_TIMEOUT}s) → $log"
-  timeout --signal=TERM --kill-after=10 "$BENCH_TIMEOUT" \
+  # Both sides share one process and one GPU: jax must not take 75 % of it up front.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout --signal=TERM --kill-after=10 "$BENCH_TIMEOUT" \
     "$PYTHON" benchmarks/train_step.py "${STEP_ARGS[@]}" --dtype "$dtype" > "$log" 2>&1
   rc=$?
   grep -E '^(config|medjax|MONAI|ratio|torch/monai)' "$log" | sed 's/^/   /'
