@@ -196,6 +196,7 @@ class MedjaxStep:
 
   def __init__(self, config, batches, variant: str | None = None):
     import jax
+
     from medjax import parallel, run, train, translators
     from medjax.data import pipeline
     self.jax = jax
@@ -410,11 +411,12 @@ def patched(variant: str | None):
     layers.group_norm, unet.group_norm = saved
 
 
-def parts(medjax: "MedjaxStep", repeats: int) -> dict:
+def parts(medjax: MedjaxStep, repeats: int) -> dict:
   """The step's pieces jitted alone (median ms): where the time goes by subtraction, and
   what a fused or flattened optimiser would save."""
   import jax
   import optax
+
   from medjax.translators import base
   tr, state, batch, rng = medjax.translator, medjax.state, medjax.batches[0], medjax.rng
   train = medjax.config.train
@@ -487,6 +489,7 @@ def parts(medjax: "MedjaxStep", repeats: int) -> dict:
 
 def torch_available() -> str | None:
   try:
+    import einops  # noqa: F401  (MONAI's attention blocks need it; an optional MONAI dep)
     import monai  # noqa: F401
     import torch  # noqa: F401
   except ImportError as error:
@@ -619,8 +622,8 @@ class MonaiStep:
 
   def profile(self, steps: int) -> dict:
     """torch.profiler over `steps` steps: time per phase and per kind of aten op."""
-    torch = self.torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     self.profiling = True
     try:
       with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -652,7 +655,6 @@ class MonaiStep:
 
   def flops(self) -> float | None:
     """Forward + backward FLOPs of one step by torch's counter (convs, matmuls, attention)."""
-    torch = self.torch
     try:
       from torch.utils.flop_counter import FlopCounterMode
     except ImportError:
