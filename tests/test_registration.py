@@ -96,8 +96,9 @@ def test_smoothness_of_constant_and_linear_fields(ndim):
 def test_registration_network_is_the_identity_at_init(ndim):
   image = jnp.asarray(IMAGES[ndim][..., :1])
   net = RegistrationNet(features=(4, 8))
-  params = net.init(jax.random.key(0), image, image)
-  field = net.apply(params, image, 2 * image)
+  # jitted: one compile, not one per eager op
+  params = jax.jit(net.init)(jax.random.key(0), image, image)
+  field = jax.jit(net.apply)(params, image, 2 * image)
   assert field.shape == (*image.shape[:-1], ndim)
   np.testing.assert_array_equal(np.asarray(field), 0.0)
   np.testing.assert_array_equal(np.asarray(warp.warp(image, field)), np.asarray(image))
