@@ -50,7 +50,11 @@ def interior(volumes, tissue):
 
 
 def test_outputs(subject):
-  assert set(subject) == {*phantom.MODALITIES, "mask", "labels", "affine"}
+  assert set(subject) == {*phantom.MODALITIES, "mask", "cbct_mask", "labels", "affine"}
+  # The CBCT's mask: the head, cut to the scanner's field of view.
+  assert subject["cbct_mask"].dtype == bool
+  assert not (subject["cbct_mask"] & (subject["mask"] == 0)).any()
+  assert (subject["cbct"][subject["cbct_mask"]] > -900).mean() > 0.99
   for name in (*phantom.MODALITIES, "mask"):
     assert subject[name].shape == SHAPE and subject[name].dtype == np.float32
   assert subject["labels"].dtype == np.uint8
@@ -180,7 +184,8 @@ def test_write_subjects(tmp_path):
   split = json.loads((tmp_path / "split.json").read_text())
   assert split == {"train": ["phantom_000"], "val": ["phantom_001"], "test": ["phantom_002"]}
   expected = phantom.generate(2, 1, shape, spacing)
-  for name in (*phantom.MODALITIES, "mask"):
+  expected["cbct_mask"] = expected["cbct_mask"].astype(np.float32)
+  for name in (*phantom.MODALITIES, "mask", "cbct_mask"):
     image = nib.load(folders[1] / f"{name}.nii.gz")
     assert image.shape == shape and image.get_data_dtype() == np.float32
     np.testing.assert_array_equal(image.affine, expected["affine"])
@@ -190,4 +195,4 @@ def test_write_subjects(tmp_path):
     np.testing.assert_array_equal(np.asarray(image.dataobj), expected[name])
   leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.startswith(".")]
   assert not leftovers and sorted(p.name for p in folders[0].iterdir()) == sorted(
-      f"{m}.nii.gz" for m in (*phantom.MODALITIES, "mask"))
+      f"{m}.nii.gz" for m in (*phantom.MODALITIES, "mask", "cbct_mask"))

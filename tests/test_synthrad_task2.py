@@ -21,6 +21,7 @@ def write_task2(root, layout):
     vols = phantom.generate(0, index, shape=SHAPE, spacing=SPACING)
     folder = root / "Task2" / "brain" / sid
     folder.mkdir(parents=True)
+    vols["mask"] = vols["cbct_mask"]  # Task 2's masks: the body inside the CBCT's view
     for name in ("cbct", "ct", "mask"):
       image = nib.Nifti1Image(vols[name].astype(np.float32), vols["affine"])
       if layout == "synthrad2023":

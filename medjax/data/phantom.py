@@ -630,7 +630,8 @@ def generate(seed: int, subject: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACI
   """One phantom subject on a grid centred on 0 mm.
 
   Returns float32 volumes "t1w", "t2w", "pd", "flair" (arbitrary units, WM ≈ 0.1-0.3),
-  "ct" and "cbct" (HU), "mask" (0/1 head), uint8 "labels" (dominant tissue, see TISSUES),
+  "ct" and "cbct" (HU), "mask" (0/1 head), "cbct_mask" (bool: the head inside the
+  CBCT's field of view), uint8 "labels" (dominant tissue, see TISSUES),
   and the RAS+ "affine". Deterministic in (seed, subject, shape, spacing); the anatomy
   depends on (seed, subject) only. bias=False, noise=False give the noiseless, bias-free
   images (the CBCT keeps its artefacts: they are the scanner's, not noise).
@@ -674,6 +675,9 @@ def generate(seed: int, subject: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACI
   scan = draw_cbct(seed, subject)
   cbct_rng = np.random.default_rng([int(seed), int(subject), CBCT_NOISE_STREAM])
   out["cbct"] = cbct_image(clean_ct, scan, head, grid, cbct_rng, noise=noise)
+  # SynthRAD Task 2's masks are the body inside the CBCT's field of view: what a CBCT →
+  # CT model can see, and where it is scored.
+  out["cbct_mask"] = (mask > 0) & (cbct_field_of_view(scan, grid) >= 0.5)
   out.update(mask=mask, labels=_labels(fractions), affine=grid.affine)
   return out
 
@@ -805,7 +809,7 @@ def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFA
     for name in SECOND_SESSION if misalign_mm > 0 else ():
       volumes[f"{name}_aligned"] = volumes[name]
       volumes[name] = misalign(volumes[name], spacing, seed, subject, misalign_mm)
-    for name in (*MODALITIES, "mask", *aligned):
+    for name in (*MODALITIES, "mask", "cbct_mask", *aligned):
       with files.atomic_write(folder / f"{name}.nii.gz") as tmp:
         nib.save(_nifti(volumes[name], volumes["affine"]), tmp)
     folders.append(folder)

@@ -31,14 +31,17 @@ def phantom_volume(config, subject: int) -> Volume:
   """Render and normalise one phantom subject (axial slices first)."""
   p = config.data.phantom
   vols = phantom.generate(p.seed, subject, shape=tuple(p.shape), spacing=tuple(p.spacing))
-  mask = vols["mask"]
+  # A CBCT source sees only its field of view: the mask (scoring, the baseline) is the head
+  # inside it, as SynthRAD Task 2's masks are (docs/design.md, "The phantom").
+  sources = modalities.as_tuple(config.data.source)
+  mask = vols["cbct_mask"] if "cbct" in sources else vols["mask"]
 
   def unit(modality):
     params = intensity.fit(vols[modality], modality, mask)
     # (X, Y, Z) → (Z, X, Y): one axial slice per leading index.
     return np.moveaxis(intensity.normalise(vols[modality], params), -1, 0), params
 
-  sources = [unit(m)[0] for m in modalities.as_tuple(config.data.source)]
+  sources = [unit(m)[0] for m in sources]
   aligned = None
   misalign = float(p.get("misalign", 0.0))
   if misalign > 0:  # an imperfect pair: the target from another session (docs/design.md)
@@ -154,7 +157,8 @@ def training_inputs(config) -> dict:
     descriptions = []
     for subject in phantom_split(config)["train"]:
       vols = phantom.generate(p.seed, subject, shape=tuple(p.shape), spacing=tuple(p.spacing))
-      descriptions.append(inputs.describe({m: vols[m] for m in sources}, vols["mask"] > 0,
+      head = vols["cbct_mask"] if "cbct" in sources else vols["mask"] > 0
+      descriptions.append(inputs.describe({m: vols[m] for m in sources}, head,
                                           ras_shape=tuple(p.shape), ras_spacing=p.spacing,
                                           grid_spacing=p.spacing))
     return inputs.envelope(descriptions)
