@@ -156,22 +156,7 @@ class Checkpointer:
           return why
     if "state" not in items:
       return None
-    state = folder / "state"
-    if (why := _json_damage(state / "_METADATA", folder)) is not None:
-      return why
-    try:
-      with _quiet("absl"):  # orbax warns of the step metadata a state/ folder lacks
-        tree = ocp.PyTreeCheckpointer().metadata(state).item_metadata
-      if tree is None:
-        return ("its array index does not read (state/manifest.ocdbt or a file under "
-                "state/d/ is missing or truncated)")
-      tree = getattr(tree, "tree", tree)
-      read_all = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(
-          restore_args=read_all))
-    except Exception as error:  # TensorStore and orbax say it in many types
-      return _reason(error, folder)
-    return None
+    return _tree_damage(folder / "state", folder)
 
   def set_aside(self, step: int) -> Path:
     """Move damaged checkpoint `step` to `<workdir>/checkpoints.damaged/<step>` (a
@@ -236,23 +221,26 @@ def restore_tree(directory, abstract):
                     "the model again") from None
 
 
-def _tree_damage(folder: Path) -> str | None:
+def _tree_damage(folder: Path, named: Path | None = None) -> str | None:
   """Why an orbax tree does not read in full (the array and what is wrong with it), found
-  by reading every array into host memory; None if all of it reads."""
-  if (why := _json_damage(folder / "_METADATA", folder)) is not None:
+  by reading every array into host memory; None if all of it reads. Paths in the reason
+  are relative to `named` (default: the tree's own folder)."""
+  named = named or folder
+  if (why := _json_damage(folder / "_METADATA", named)) is not None:
     return why
   try:
     with _quiet("absl"):
       tree = ocp.PyTreeCheckpointer().metadata(folder).item_metadata
       if tree is None:
-        return ("its array index does not read (manifest.ocdbt or a file under d/ is "
-                "missing or truncated)")
+        where = folder.relative_to(named).as_posix() + "/" if folder != named else ""
+        return (f"its array index does not read ({where}manifest.ocdbt or a file under "
+                f"{where}d/ is missing or truncated)")
       tree = getattr(tree, "tree", tree)
       read_all = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
       ocp.PyTreeCheckpointer().restore(folder, args=ocp.args.PyTreeRestore(
           restore_args=read_all))
-  except Exception as error:  # noqa: BLE001  (as above)
-    return _reason(error, folder)
+  except Exception as error:  # noqa: BLE001  TensorStore and orbax say it in many types
+    return _reason(error, named)
   return None
 
 

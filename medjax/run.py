@@ -124,6 +124,15 @@ def read_model_marker(path) -> dict:
   return value
 
 
+def _inference_skeleton(config, recipe: Recipe, mesh):
+  """The mesh, the translator and its abstract inference (EMA) parameters, each leaf with
+  its sharding: what a restore of a run or an exported model fills in."""
+  mesh = mesh or parallel.mesh_for(config, fallback=True)
+  translator = translators.build(config)
+  abstract, _ = create_state(translator, config, mesh, recipe)
+  return mesh, translator, translator.inference_params(abstract)
+
+
 @dataclasses.dataclass
 class Run:
   """A run's config, recipe, baseline, translator and inference parameters."""
@@ -146,13 +155,10 @@ class Run:
       raise WorkdirError(f"{workdir} is an exported model ({MODEL}), not a run directory: "
                          "load it with medjax.load_model (medjax translate --model)")
     config, recipe, baseline = _artefacts(workdir)
-    mesh = mesh or parallel.mesh_for(config, fallback=True)
-    translator = translators.build(config)
-    abstract, _ = create_state(translator, config, mesh, recipe)
+    mesh, translator, abstract = _inference_skeleton(config, recipe, mesh)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     try:
-      params, step = checkpointer.restore_params(translator.inference_params(abstract),
-                                                 translator.inference_path, step)
+      params, step = checkpointer.restore_params(abstract, translator.inference_path, step)
     finally:
       checkpointer.close()
     return cls(workdir, config, recipe, baseline, translator, params, int(step), mesh,
@@ -170,10 +176,8 @@ class Run:
         raise UserError(f"{path / name} does not exist: the model folder {path} is "
                         "incomplete (export it again)")
     config, recipe, baseline = _artefacts(path)
-    mesh = mesh or parallel.mesh_for(config, fallback=True)
-    translator = translators.build(config)
-    abstract, _ = create_state(translator, config, mesh, recipe)
-    params = checkpoint_lib.restore_tree(path / PARAMS, translator.inference_params(abstract))
+    mesh, translator, abstract = _inference_skeleton(config, recipe, mesh)
+    params = checkpoint_lib.restore_tree(path / PARAMS, abstract)
     return cls(path, config, recipe, baseline, translator, params, marker["step"], mesh,
                load_inputs(path))
 
