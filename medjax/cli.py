@@ -11,6 +11,7 @@ import importlib
 import signal
 import sys
 import threading
+import warnings
 
 from medjax.commands import COMMANDS, common
 from medjax import errors
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   module = importlib.import_module(f"medjax.commands.{name}")
+  # A write that failed (a full disk) leaves orbax's pending async array writes un-awaited;
+  # Python would print a RuntimeWarning about them at exit, under the one-line error.
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                          category=RuntimeWarning)
   parser = common.Parser(prog=f"medjax {name}", renamed=getattr(module, "RENAMED", {}))
   # SIGTERM (a cluster's scheduler, `sweep` stopping its trainers) ends a command like
   # Ctrl-C: the pending checkpoint is finished, temporaries go and the folder's lock is
