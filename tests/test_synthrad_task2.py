@@ -49,7 +49,7 @@ def test_task2_folders_prepare_and_train(tmp_path, layout, capsys):
   # CBCT keeps the fixed HU window of CT (a miscalibration is not normalised away).
   assert manifest["normalisation"][IDS[0]]["cbct"]["kind"] == "ct"
   if layout == "synthrad2025":
-    # The same shards as the 2023 layout's (one reader per format); training on them is
+    # Prepared as the 2023 layout is (only the file reader differs); training on them is
     # the 2023 case's.
     return
   assert cli.main(["medjax", "train", "--config",
