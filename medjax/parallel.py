@@ -126,7 +126,10 @@ def enable_compilation_cache() -> None:
                          os.path.join(os.path.expanduser("~"), ".cache", "medjax", "jax"))
   if cache and cache != "0":
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Compilations under a second are redone rather than stored, unless JAX's own variable
+    # says otherwise (the tests store every one: their many processes share them).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0)))
 
 
 def put_global(array: np.ndarray, sharding) -> jax.Array:

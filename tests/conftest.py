@@ -12,7 +12,9 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _CACHE = ROOT / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Every compilation is stored: the two xdist workers and the CLI subprocesses the
+# end-to-end tests start compile the same small functions again and again otherwise.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("MEDJAX_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 import jax  # noqa: E402
