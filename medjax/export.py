@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import os
 import shutil
 from pathlib import Path
 
 from medjax import checkpoint as checkpoint_lib
 from medjax import files, modalities
 from medjax import run as run_lib
-from medjax.errors import UserError, disk_error
+from medjax.errors import UserError
 
 INPUTS = run_lib.INPUTS  # the training inputs' ranges (data.inputs.envelope), if kept
 CARD = "MODEL_CARD.md"
@@ -41,11 +40,7 @@ def export(workdir, out, *, step: int | None = None, force: bool = False) -> dic
   workdir, out = Path(workdir), Path(out)
   _check_out(workdir, out, force)
   run = run_lib.Run.load(workdir, step=step)
-  tmp = out.parent / f"{files.TMP_PREFIX}{os.getpid()}-{out.name}"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  _remove_killed(out)
-  try:
-    tmp.mkdir()
+  with files.atomic_directory(out, replace=True) as tmp:
     for name in (run_lib.CONFIG, run_lib.RECIPE, run_lib.BASELINE):
       _copy(workdir / name, tmp / name)
     has_inputs = (workdir / INPUTS).is_file()
@@ -53,22 +48,14 @@ def export(workdir, out, *, step: int | None = None, force: bool = False) -> dic
       _copy(workdir / INPUTS, tmp / INPUTS)
     checkpoint_lib.save_tree(tmp / run_lib.PARAMS, run.params, report_as=out)
     marker = {"format": run_lib.MODEL_FORMAT, "version": run_lib.MODEL_VERSION,
-              "medjax": version(), "step": run.step, "source": list(run.recipe.sources), "target": run.target,
-              "translator": run.translator.name,
+              "medjax": version(), "step": run.step, "source": list(run.recipe.sources),
+              "target": run.target, "translator": run.translator.name,
               "inputs": INPUTS if has_inputs else None,
               "exported": datetime.datetime.now(datetime.UTC).isoformat(
                   timespec="seconds")}
     files.write_text(tmp / CARD, model_card(run, marker, _evaluations(workdir, run.step),
                                             _training_subjects(run.config)))
     files.write_json(tmp / run_lib.MODEL, marker)  # last: a folder with it is complete
-    _replace(tmp, out)
-  except BaseException as error:
-    shutil.rmtree(tmp, ignore_errors=True)
-    # A full or read-only disk names the folder asked for, not the temporary one.
-    failed = disk_error(error, out) if isinstance(error, Exception) else None
-    if failed is not None:
-      raise failed from error
-    raise
   return marker
 
 
@@ -86,30 +73,9 @@ def _check_out(workdir: Path, out: Path, force: bool) -> None:
                       "replaces only an earlier export; give a new --out")
 
 
-def _remove_killed(out: Path) -> None:
-  """Half-written folders a killed export of `out` left beside it (their writer's pid in
-  the name is gone): removed; a running export's are left alone."""
-  for path in out.parent.glob(f"{files.TMP_PREFIX}*-{out.name}"):
-    if path.is_dir() and not files.writer_alive(path.name):
-      shutil.rmtree(path, ignore_errors=True)
-
-
 def _copy(source: Path, target: Path) -> None:
   with files.atomic_write(target) as tmp:
     shutil.copyfile(source, tmp)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-  """The finished folder under its name. An earlier export there is renamed aside first
-  and deleted after; rename(2) replaces an empty folder itself."""
-  aside = None
-  if out.is_dir() and any(out.iterdir()):
-    aside = out.parent / f"{files.TMP_PREFIX}{os.getpid()}-old-{out.name}"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.rename(out, aside)
-  os.replace(tmp, out)
-  if aside is not None:
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _evaluations(workdir: Path, step: int) -> list[tuple[str, dict]]:

@@ -19,7 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
-from medjax.errors import disk_error
+from medjax.errors import UserError, disk_error
 
 TMP_PREFIX = ".tmp-"
 
@@ -45,13 +45,15 @@ def atomic_write(path):
 
 
 @contextlib.contextmanager
-def atomic_directory(path):
+def atomic_directory(path, *, replace: bool = False):
   """`atomic_write` for a folder of files (a DICOM series, an exported model): yield a
   temporary sibling folder, renamed to `path` once complete. `path` must not exist or be
-  empty: a folder with files in it is never replaced or mixed into."""
+  empty, unless `replace`: then a folder already there is renamed aside at the end and
+  deleted after the new one is in place (the caller decides what may be replaced)."""
   path = Path(path)
-  if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    from medjax.errors import UserError
+  if path.exists() and not path.is_dir():
+    raise UserError(f"{path} exists and is not a folder: nothing was written")
+  if not replace and path.is_dir() and any(path.iterdir()):
     raise UserError(f"{path} exists and is not an empty folder: nothing was written "
                     "(give a new folder)")
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,11 +63,17 @@ def atomic_directory(path):
   tmp.mkdir()
   try:
     yield tmp
-    if path.is_dir():
-      path.rmdir()  # empty (checked above); os.replace cannot rename onto a folder
-    os.replace(tmp, path)
+    aside = None
+    if path.is_dir() and any(path.iterdir()):
+      aside = path.with_name(f"{TMP_PREFIX}{os.getpid()}-old-{path.name}")
+      shutil.rmtree(aside, ignore_errors=True)
+      os.rename(path, aside)
+    os.replace(tmp, path)  # rename(2) replaces an empty folder itself
+    if aside is not None:
+      shutil.rmtree(aside, ignore_errors=True)
   except BaseException as error:
     shutil.rmtree(tmp, ignore_errors=True)
+    # A full or read-only disk names the folder asked for, not the temporary one.
     failed = disk_error(error, path) if isinstance(error, Exception) else None
     if failed is not None:
       raise failed from error
@@ -142,11 +150,6 @@ def _remove_dead_temporaries(path: Path) -> None:
     pid, _, name = tmp.name[len(TMP_PREFIX):].partition("-")
     if pid.isdigit() and name == path.name and not _writer_alive(tmp.name):
       _remove(tmp)
-
-
-def writer_alive(name: str) -> bool:
-  """Whether the process that named temporary `name` (`.tmp-<pid>-…`) still runs here."""
-  return _writer_alive(name)
 
 
 def _writer_alive(name: str) -> bool:
