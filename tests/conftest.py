@@ -49,3 +49,13 @@ def ct_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ct_run")
   train.train_and_evaluate(tiny_config("regression", "ct"), str(workdir))
   return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_run(tmp_path_factory):
+  """A tiny trained T1w → T2w flow run, read (never changed) by the translate and export
+  tests."""
+  from medjax import train
+  workdir = tmp_path_factory.mktemp("flow_run")
+  train.train_and_evaluate(tiny_config("flow"), str(workdir))
+  return workdir

@@ -9,7 +9,7 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT
 
 import medjax
 from medjax import cli, infer
@@ -18,11 +18,8 @@ from medjax.run import Run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  from medjax import train
-  workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(tiny_config("flow"), str(workdir))
-  return workdir
+def run(tiny_flow_run):
+  return tiny_flow_run
 
 
 @pytest.fixture(scope="module")

@@ -53,11 +53,8 @@ def assert_same_geometry(reference, output):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  from medjax import train
-  workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(tiny_config("flow"), str(workdir))
-  return workdir
+def run(tiny_flow_run):
+  return tiny_flow_run
 
 
 @pytest.fixture(scope="module")
