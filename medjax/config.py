@@ -40,6 +40,11 @@ HELP = {
     "data.augment": "flips, small rotations/scalings, source intensity jitter while training",
     "data.unpaired": "draw sources and targets independently (CycleGAN)",
     "data.workers": "grain worker processes (0: threads in the trainer process)",
+    "data.patch": "() : 2D models train on whole axial slices | (D, H, W): 3D models "
+                  "(model.dims=3) train on random patches of D slices × H × W voxels and "
+                  "infer with a sliding window of that size",
+    "data.foreground": "share of 3D patches forced to contain a body-mask voxel (nnU-Net's "
+                       "1/3); the rest are placed uniformly",
     "data.phantom.subjects": "phantom subjects, split 80/10/10 into train/val/test",
     "data.phantom.seed": "seed of the phantom anatomy (subject i of seed s is always the same)",
     "data.phantom.shape": "phantom grid in voxels (x, y, z); slices are axial (x, y)",
@@ -102,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = ml_collections.ConfigDict({
       "kind": "phantom", "dir": "", "source": ("t1w",), "target": "t2w", "augment": True,
-      "unpaired": False, "workers": 0,
+      "unpaired": False, "workers": 0, "patch": (), "foreground": 1 / 3,
       "phantom": {"subjects": 20, "seed": 0, "shape": (48, 48, 32),
                   "spacing": (160 / 48, 160 / 48, 3.0), "misalign": 0.0}})
   config.model = model_config("unet")
@@ -399,6 +404,19 @@ def validate(config, num_devices: int = 1) -> None:
   misalign = data.phantom.get("misalign", 0.0)
   if not (isinstance(misalign, (int, float)) and math.isfinite(misalign) and misalign >= 0):
     raise ConfigError(f"data.phantom.misalign={misalign!r}: expected a finite number of mm ≥ 0")
+  dims, patch = config.model.get("dims", 2), tuple(data.get("patch", ()))
+  if dims not in (2, 3):
+    raise ConfigError(f"model.dims={dims!r}: expected 2 (slices) or 3 (volumes)")
+  if dims == 2 and patch:
+    raise ConfigError(f"data.patch={patch}: patches are for 3D models (model.dims=3); a 2D "
+                      "model trains on whole axial slices (set data.patch=())")
+  if dims == 3 and (len(patch) != 3 or not all(
+      isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in patch)):
+    raise ConfigError(f"data.patch={patch}: a 3D model (model.dims=3) trains on patches of "
+                      "(D, H, W) voxels: three whole numbers > 0, e.g. (16, 32, 32)")
+  foreground = data.get("foreground", 1 / 3)
+  if not (isinstance(foreground, (int, float)) and 0.0 <= foreground <= 1.0):
+    raise ConfigError(f"data.foreground={foreground!r}: expected a share in [0, 1]")
   if data.kind == "phantom" and data.phantom.subjects < 3:
     raise ConfigError(f"data.phantom.subjects={data.phantom.subjects}: the train, val and test "
                       "splits need at least 3 subjects")

@@ -50,7 +50,7 @@ def create_state(translator, config, mesh, recipe: Recipe):
   Shapes come from the recipe's example record, so no data is read to build them; each
   leaf carries its sharding on `mesh` (`parallel.state_shardings`).
   """
-  record = recipe.example_record()
+  record = recipe.example_record(tuple(config.data.get("patch", ())))
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape), v.dtype)
            for k, v in record.items()}
   rng = jax.random.PRNGKey(config.seed)

@@ -558,3 +558,22 @@ def test_a_size_that_cuts_the_body_is_reported(dataset, tmp_path, capsys):
   assert "cuts off" not in capsys.readouterr().err
   whole = shards.load_manifest(tmp_path / "whole")["geometry"]
   assert all(g["body_cropped"] == 0.0 for g in whole.values())
+
+
+def test_3d_patch_reader_reads_the_volumes_split_volumes_rebuilds(prepared):
+  """ShardVolumes (3D training reads a few slices at a time) and split_volumes (evaluation
+  reads whole shards) see the same subject volumes."""
+  from medjax.data import patches
+  _, out = prepared
+  store = patches.ShardVolumes(out, "train")
+  volumes = shards.split_volumes(out, "train")  # sorted by subject = by shard stem here
+  assert len(store) == len(volumes) >= 2
+  for position, volume in enumerate(volumes):
+    depth = volume.source.shape[0]
+    assert store.shape(position) == volume.source.shape[:3]
+    for z0, z1 in ((0, depth), (1, min(depth, 4))):
+      window = store.window(position, z0, z1)
+      for key in ("source", "target", "mask"):
+        np.testing.assert_array_equal(window[key], getattr(volume, key)[z0:z1])
+    points = store.foreground(position)
+    assert len(points) and (volume.mask[tuple(points.T)][..., 0] == 1).all()

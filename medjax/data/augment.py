@@ -146,13 +146,23 @@ def augment_record(record: dict, rng: np.random.Generator, *, flip: bool = True,
                    rotate_deg: float = 10.0, scale: float = 0.1, jitter: float = 0.1,
                    p_affine: float = P_AFFINE, order: int = 1,
                    jitter_group: int | None = None) -> dict:
-  """A randomly transformed copy of a slice record (source, target, mask: (H, W, C)).
+  """A randomly transformed copy of a slice record (source, target, mask: (H, W, C)) or
+  of a 3D patch ((D, H, W, C)).
 
   A fraction `p_affine` of records gets a rotation/scaling (the costly part, ≈1 ms at
-  256² with bilinear `order=1`); the rest only a flip, which is free.
+  256² with bilinear `order=1`); the rest only a flip, which is free. A patch gets the
+  same in-plane transform on every slice — a rotation about the superior–inferior axis,
+  an in-plane scaling, a left-right flip — by folding D into the channels, so one set of
+  taps serves the whole patch.
   """
   source, target, mask = record["source"], record["target"], record["mask"]
   out = dict(record)
+  depth = source.shape[0] if source.ndim == 4 else None
+  if depth is not None:
+    fold = lambda a: np.moveaxis(a, 0, 2).reshape(*a.shape[1:3], depth * a.shape[-1])
+    unfold = lambda a, c: np.moveaxis(a.reshape(*a.shape[:2], depth, c), 2, 0)
+    channels = [a.shape[-1] for a in (source, target, mask)]
+    source, target, mask = fold(source), fold(target), fold(mask)
   if (rotate_deg or scale) and rng.random() < p_affine:
     matrix = random_matrix(rng, flip=flip, rotate_deg=rotate_deg, scale=scale)
     source, target, mask = warp([source, target, mask], matrix,
@@ -160,6 +170,8 @@ def augment_record(record: dict, rng: np.random.Generator, *, flip: bool = True,
     mask = (mask >= 0.5).astype(np.float32)
   elif flip and rng.random() < 0.5:
     source, target, mask = source[::-1], target[::-1], mask[::-1]
+  if depth is not None:
+    source, target, mask = (unfold(a, c) for a, c in zip((source, target, mask), channels))
   if jitter:
     source = jitter_source(source, mask, rng, jitter, jitter_group)
   out["source"] = np.ascontiguousarray(source, np.float32)

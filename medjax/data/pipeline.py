@@ -22,9 +22,12 @@ import jax
 import numpy as np
 
 from medjax import metrics, modalities
-from medjax.data import augment, inputs, intensity, phantom
+from medjax.data import augment, inputs, intensity, patches, phantom
 from medjax.data.preprocess import Recipe, Volume
 from medjax.errors import ConfigError
+
+
+PATCH_SEED_OFFSET = 2  # 3D patch placement: seed + 2 (order seed, augmentation seed + 1)
 
 
 def phantom_volume(config, subject: int) -> Volume:
@@ -105,7 +108,12 @@ def recipe(config) -> Recipe:
   """How the training slices are made: the phantom grid, or the shards' recipe."""
   if config.data.kind == "phantom":
     return Recipe.of_phantom(config)
-  return check_shards(config)
+  made = check_shards(config)
+  if made.context and is_volumetric(config):
+    # 2.5D neighbour slices are 2D's stand-in for depth; a 3D model sees depth itself.
+    raise ConfigError(f"{config.data.dir} was prepared with --context {made.context}; a 3D "
+                      "model (model.dims=3) needs shards prepared with --context 0")
+  return made
 
 
 def check_shards(config) -> Recipe:
@@ -224,18 +232,56 @@ def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
   return it
 
 
+def is_volumetric(config) -> bool:
+  """A 3D run: the model sees (D, H, W) patches, not slices (model.dims=3)."""
+  return config.model.get("dims", 2) == 3
+
+
+def volume_store(config, subjects=None):
+  """The training subjects as volumes (3D patches are cut from them)."""
+  if config.data.kind == "phantom":
+    subjects = phantom_split(config)["train"] if subjects is None else subjects
+    return patches.PhantomVolumes(config, subjects)
+  check_shards(config)
+  return patches.ShardVolumes(config.data.dir, "train")
+
+
+def patch_source(config, store, seed_offset: int = PATCH_SEED_OFFSET):
+  return patches.PatchSource(store, tuple(config.data.patch), seed=config.seed + seed_offset,
+                             foreground=config.data.get("foreground", 1 / 3))
+
+
 def train_dataset(config) -> grain.IterDataset:
   global_batch = config.train.batch_size
   if global_batch % jax.process_count():
     raise ConfigError(
         f"train.batch_size={global_batch} is not divisible by {jax.process_count()} processes")
-  source, target_source = train_source(config), None
-  if config.data.unpaired:
-    source, target_source = unpaired_sources(config)
+  if is_volumetric(config):
+    source, target_source = volumetric_sources(config)
+  else:
+    source, target_source = train_source(config), None
+    if config.data.unpaired:
+      source, target_source = unpaired_sources(config)
   return make_dataset(source, seed=config.seed, batch_size=global_batch // jax.process_count(),
                       augment=config.data.augment, workers=config.data.workers,
                       target_source=target_source,
                       jitter_group=2 * recipe(config).context + 1)
+
+
+def volumetric_sources(config):
+  """3D patch sources: (patches, None), or unpaired (source patches, target patches) from
+  disjoint halves of the phantom's subjects / independently placed in the shards."""
+  if not config.data.unpaired:
+    return patch_source(config, volume_store(config)), None
+  if config.data.kind == "phantom":
+    subjects = phantom_split(config)["train"]
+    if len(subjects) < 2:
+      raise ConfigError("data.unpaired needs at least 2 training subjects")
+    half = len(subjects) // 2
+    return (patch_source(config, volume_store(config, subjects[:half])),
+            patch_source(config, volume_store(config, subjects[half:]), PATCH_SEED_OFFSET + 1))
+  store = volume_store(config)
+  return patch_source(config, store), patch_source(config, store, PATCH_SEED_OFFSET + 1)
 
 
 def unpaired_sources(config):

@@ -129,10 +129,11 @@ class Recipe:
                spacing=tuple(phantom.spacing), size=tuple(phantom.shape)[:2], context=0,
                mask="phantom")
 
-  def example_record(self) -> dict:
-    """One slice record of this recipe's shapes (zeros): all a model's `init` needs."""
-    height, width = self.size
-    plane = lambda channels: np.zeros((height, width, channels), np.float32)
+  def example_record(self, patch: tuple[int, ...] = ()) -> dict:
+    """One record of this recipe's shapes (zeros): all a model's `init` needs. A slice
+    (H, W, C), or with `patch` = (D, H, W) a 3D patch (D, H, W, C)."""
+    shape = tuple(patch) if patch else tuple(self.size)
+    plane = lambda channels: np.zeros((*shape, channels), np.float32)
     return {"source": plane(self.source_channels), "target": plane(len(self.targets)),
             "mask": plane(1), "subject": np.int32(0), "slice": np.int32(0)}
 
