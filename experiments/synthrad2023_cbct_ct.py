@@ -13,16 +13,23 @@ challenge's protocol (`synthrad2023`: MAE / PSNR / SSIM in HU inside the mask).
 
 Arguments: method = flow (default) or any of experiments/phantom.py's methods;
 size = full (default: 256² slices, 64-channel U-Net) or tiny (the tests: an 8-channel
-U-Net, a few steps).
+U-Net, a few steps); dims = 2 (default) | 3 (96³ patches with a 3D U-Net, bf16, remat:
+prepare with --spacing 1.5x1.5x1.5 --size 160x160 --context 0).
 """
 
 from medjax import config as config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, method="flow", size="full")
+  arg = config_lib.parse_arg(arg, method="flow", size="full", dims=2)
   config_lib.choose("size", arg.size, ("full", "tiny"))
+  config_lib.choose("dims", arg.dims, (2, 3))
   config = config_lib.shards_config(source=("cbct",), target="ct", method=arg.method)
+  if arg.dims == 3:
+    config_lib.apply_volumetric(config)
   if arg.size == "tiny":
     config_lib.apply_size(config, "tiny")
+    if arg.dims == 3:
+      config.data.patch = (8, 16, 16)
+      config.model.update(remat=False, dtype="float32", channel_mult=(1, 2), decoder_blocks=None)
   return config

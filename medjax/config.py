@@ -168,6 +168,24 @@ def shards_config(source, target: str, method: str = "flow") -> ml_collections.C
   return config
 
 
+def apply_volumetric(config, patch=(96, 96, 96)) -> None:
+  """The 3D version of a shards experiment (docs/design.md, "3D patches"): a 3D U-Net with
+  a residual encoder (nnU-Net ResEnc), bfloat16 compute and remat so a 96³ patch fits one
+  accelerator, masked L1/MSE, Gaussian sliding-window evaluation over the volume."""
+  config.data.patch = tuple(patch)
+  config.train.masked_loss = True
+  if config.model.name == "unet":
+    config.model.update(channels=32, channel_mult=(1, 2, 4, 8), num_res_blocks=2,
+                        decoder_blocks=1, attention_levels=(), remat=True, dtype="bfloat16")
+  else:
+    config.model.update(remat=True, dtype="bfloat16")
+  config.model.dims = 3
+  config.train.batch_size = 2
+  config.eval.batch_size = 2
+  if "discriminator" in config.translator:
+    config.translator.discriminator.num_layers = 3
+
+
 # --- experiment arguments (FILE.py:ARG) -------------------------------------------------
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
