@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -155,12 +156,13 @@ def table_rows(results: list[dict]) -> list[dict]:
   for task in dict.fromkeys(r["task"] for r in results):
     mine = [r for r in results if r["task"] == task]
     base = mine[0]["baseline"]
-    rows.append({"task": task, "method": "intensity map (baseline)", "mae": base["mae"],
-                 "psnr": base["psnr"], "ssim": base["ssim"], "nfe_per_sample": 0, "samples": 1,
-                 "train_s": 0.0, "sample_ms_per_slice": 0.0})
+    rows.append({"task": task, "method": "intensity map (baseline)",
+                 **{k: base.get(k, math.nan) for k in evaluate.METRIC_KEYS},
+                 "nfe_per_sample": 0, "samples": 1, "train_s": 0.0, "sample_ms_per_slice": 0.0})
     for r in mine:
+      # .get: a result cached before through_plane_mae existed shows nan there
       rows.append({"task": task, "method": r["method"],
-                   **{k: r["model"][k] for k in ("mae", "psnr", "ssim")},
+                   **{k: r["model"].get(k, math.nan) for k in evaluate.METRIC_KEYS},
                    "nfe_per_sample": r["nfe_per_sample"], "samples": r["samples"],
                    "train_s": r["train_s"], "sample_ms_per_slice": r["sample_ms_per_slice"]})
   return rows
@@ -176,11 +178,12 @@ def write_table(directory: str, results: list[dict]) -> list[dict]:
     lines += [f"### {TASK_NAMES.get(task, task)} — {first['train_steps']} training steps "
               f"(batch {first['batch_size']}), {first['subjects']} held-out test subjects, "
               f"{first['protocol']}", "",
-              f"| method | MAE ({unit}) | PSNR (dB) | SSIM | NFE / sample | samples "
-              f"| train (s) | sampling (ms / slice) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              f"| method | MAE ({unit}) | PSNR (dB) | SSIM | through-plane MAE ({unit}) "
+              f"| NFE / sample | samples | train (s) | sampling (ms / slice) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in (r for r in rows if r["task"] == task):
       lines.append(f"| {r['method']} | {r['mae']:.4g} | {r['psnr']:.2f} | {r['ssim']:.4f} "
+                   f"| {r['through_plane_mae']:.4g} "
                    f"| {r['nfe_per_sample']} | {r['samples']} | {r['train_s']:.0f} "
                    f"| {r['sample_ms_per_slice']:.1f} |")
     lines.append("")

@@ -77,6 +77,10 @@ HELP = {
     "eval.every": "steps between held-out evaluations (and the last step)",
     "eval.batch_size": "slices per evaluation / translation batch",
     "eval.image_slices": "axial slices in each evaluation picture",
+    "eval.overlap": "3D sliding-window inference: overlap of neighbouring windows (fraction "
+                    "of the window, in [0, 1)); also `medjax translate`'s default",
+    "eval.tta": "'none' | 'flip': also predict on the input mirrored along the axes training "
+                "mirrors and average (mixture law); also `medjax translate`'s default",
     "checkpoint.every": "steps between checkpoints (and the last step)",
     "checkpoint.max_to_keep": "checkpoints kept on disk",
     "logging.progress": "show a progress bar",
@@ -118,7 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
       "profile_steps": (), "registration": "none", "registration_smoothness": 10.0,
       "registration_lr_scale": 1.0})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4})
+  config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4,
+                                           "overlap": 0.5, "tta": "none"})
   config.checkpoint = ml_collections.ConfigDict({"every": 250, "max_to_keep": 2})
   config.logging = ml_collections.ConfigDict({"progress": True})
   return config

@@ -1,9 +1,12 @@
 """Held-out evaluation per 3D subject volume, in physical units, model beside baseline.
 
-Slices go through the run's jitted `translate` in fixed-size batches, are stacked back
-into volumes and scored with the protocol of the target modality (`synthrad2023` in HU
-for CT, `mri` on [0, 1] otherwise) inside the body mask (docs/design.md, "Evaluation
-protocols"). Nothing here knows the method. `evaluate_run` is what training runs after
+`predict_volume` is the one inference path (evaluation and `medjax translate`): a 2D run's
+slices go through the run's jitted `translate` in fixed-size batches and are stacked back
+into a volume, a 3D run's through Gaussian-weighted sliding windows
+(`sliding.sliding_window`), either optionally with mirror TTA (`sliding.mirror_tta`;
+docs/design.md, "Sliding windows, TTA and ensembles"). Volumes are scored with the
+protocol of the target modality (`synthrad2023` in HU for CT, `mri` on [0, 1] otherwise)
+inside the body mask (docs/design.md, "Evaluation protocols"). Nothing here knows the method. `evaluate_run` is what training runs after
 each evaluation interval and what `medjax evaluate` runs on a trained run.
 """
 
@@ -15,11 +18,12 @@ import os
 import jax
 import numpy as np
 
-from medjax import figures, files, metrics, parallel
-from medjax.data import intensity
+from medjax import figures, files, metrics, parallel, sliding
+from medjax.data import augment, intensity
 
-METRIC_KEYS = ("mae", "psnr", "ssim")
+METRIC_KEYS = ("mae", "psnr", "ssim", "through_plane_mae")
 EVAL_SEED_OFFSET = 10_000_019  # the evaluation's draws never share keys with training's
+TTA = ("none", "flip")
 
 
 @dataclasses.dataclass
@@ -46,25 +50,102 @@ def translate_volume(translate_fn, params, source: np.ndarray, rng, mesh,
   return Prediction(np.concatenate(means), np.concatenate(stds))
 
 
+def inference_settings(config, overlap=None, tta=None) -> tuple[float, str]:
+  """(overlap, tta): given values, else the run's `eval.overlap`/`eval.tta` (a run trained
+  before they existed: 0.5, 'none'), checked."""
+  overlap = config.eval.get("overlap", 0.5) if overlap is None else overlap
+  tta = config.eval.get("tta", "none") if tta is None else tta
+  if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
+    raise ValueError(f"eval.overlap={overlap!r}: expected a fraction in [0, 1)")
+  if tta not in TTA:
+    raise ValueError(f"eval.tta={tta!r}: expected one of {', '.join(map(repr, TTA))}")
+  return float(overlap), tta
+
+
+def dims(config) -> int:
+  return int(config.model.get("dims", 2))
+
+
+def mirror_axes(config) -> tuple[int, ...]:
+  """Axes of a (Z, H, W, C) volume that mirror TTA flips: those training mirrors."""
+  if dims(config) == 3:
+    return tuple(augment.MIRROR_AXES_3D)
+  return tuple(1 + axis for axis in augment.MIRROR_AXES)
+
+
+def work_units(run, shape, *, overlap=None, tta=None) -> int:
+  """What `predict_volume`'s `on_batch` counts for a volume of `shape`: slices (2D) or
+  windows (3D), over every TTA member."""
+  overlap, tta = inference_settings(run.config, overlap, tta)
+  members = len(sliding.mirror_sets(mirror_axes(run.config))) if tta == "flip" else 1
+  if dims(run.config) == 3:
+    return members * len(sliding.window_grid(shape[:3], tuple(run.config.data.patch),
+                                             overlap))
+  return members * shape[0]
+
+
+def predict_volume(run, source: np.ndarray, rng, *, overlap: float | None = None,
+                   tta: str | None = None, batch_size: int | None = None, on_batch=None,
+                   steps: int | None = None, samples: int | None = None) -> Prediction:
+  """A (Z, H, W, Cs) volume's prediction (Z, H, W, 1): what evaluation scores and what
+  `medjax translate` writes (docs/design.md, "Sliding windows, TTA and ensembles").
+
+  `model.dims` 2: axial slices in `parallel.balanced_batch` batches (`translate_volume`);
+  3: `sliding.sliding_window` with window `data.patch`, windows batched on the mesh, the
+  key of batch i `fold_in(rng, i)`. `tta='flip'`: also on the volume mirrored along
+  `mirror_axes`, combined by the mixture law; member 0 (no mirror) draws with `rng`,
+  member k with `fold_in(rng, k)`, so 'none' is exactly member 0. Unset settings are
+  the run's (`eval.overlap`, `eval.tta`, `eval.batch_size`).
+  """
+  overlap, tta = inference_settings(run.config, overlap, tta)
+  batch_size = batch_size or run.config.eval.batch_size
+  translate_fn = run.translate_fn(steps, samples)
+  sharding = parallel.batch_sharding(run.mesh)
+
+  def one(volume, key):
+    if dims(run.config) != 3:
+      size = parallel.balanced_batch(volume.shape[0], batch_size, run.mesh.size)
+      prediction = translate_volume(translate_fn, run.params, volume, key, run.mesh, size,
+                                    on_batch=on_batch)
+      return prediction.mean, prediction.std
+    window = tuple(run.config.data.patch)
+    count = len(sliding.window_grid(volume.shape[:3], window, overlap))
+    size = parallel.balanced_batch(count, batch_size, run.mesh.size)
+
+    def predict(batch, index):
+      mean, std = translate_fn(run.params, parallel.put_global(batch, sharding),
+                               jax.random.fold_in(key, index))
+      return parallel.to_host(mean), parallel.to_host(std)
+    return sliding.sliding_window(predict, volume, window, overlap=overlap, batch_size=size,
+                                  pad_value=augment.IMAGE_FILL, on_batch=on_batch)
+
+  if tta == "none":
+    return Prediction(*one(source, rng))
+  mean, std = sliding.mirror_tta(
+      lambda volume, member: one(volume, rng if member == 0 else jax.random.fold_in(rng, member)),
+      source, mirror_axes(run.config))
+  return Prediction(mean, std)
+
+
 def evaluation_rng(config):
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_SEED_OFFSET)
 
 
 def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = None,
-             rng=None, batch_size: int | None = None, progress=None):
+             rng=None, batch_size: int | None = None, progress=None,
+             overlap: float | None = None, tta: str | None = None):
   """Scores of the run's model and baseline per subject, their summary, the predictions."""
   config = run.config
   steps = steps or config.translator.sample_steps
   samples = samples or config.translator.samples
   rng = evaluation_rng(config) if rng is None else rng
-  batch_size = batch_size or config.eval.batch_size
-  translate_fn = run.translate_fn(steps, samples)
+  overlap, tta = inference_settings(config, overlap, tta)
   rows, predictions = [], []
   for i, volume in enumerate(volumes):
-    # Batched as `medjax translate` batches a volume: the same padding, the same draws.
-    size = parallel.balanced_batch(volume.source.shape[0], batch_size, run.mesh.size)
-    prediction = translate_volume(translate_fn, run.params, volume.source,
-                                  jax.random.fold_in(rng, i), run.mesh, size)
+    # `medjax translate`'s path: the same batching and padding, the same draws.
+    prediction = predict_volume(run, volume.source, jax.random.fold_in(rng, i),
+                                overlap=overlap, tta=tta, batch_size=batch_size,
+                                steps=steps, samples=samples)
     predictions.append(prediction)
     physical = lambda unit: intensity.to_output_units(unit[..., 0], volume.target_params,
                                                       run.target)
@@ -87,7 +168,8 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
       progress(i + 1, len(volumes))
   summary = {
       "protocol": run.protocol, "subjects": len(rows), "steps": steps, "samples": samples,
-      "nfe_per_sample": run.translator.nfe(steps), **summarise(rows)}
+      "nfe_per_sample": run.translator.nfe(steps), "tta": tta, "overlap": overlap,
+      **summarise(rows)}
   return summary, rows, predictions
 
 
@@ -107,11 +189,13 @@ def write_results(directory, summary: dict, rows: list[dict], prefix: str = "") 
   files.write_csv(os.path.join(directory, f"{prefix}subjects.csv"), rows)
 
 
-def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None) -> dict:
+def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None,
+                 overlap: float | None = None, tta: str | None = None) -> dict:
   """Score the run's parameters on `split` and write what a person reads: the summary and
-  per-subject CSV under eval/<step>/, a picture in images/, a report with 3-plane views."""
+  per-subject CSV under eval/<step>/, a picture in images/, a report with 3-plane views.
+  `overlap`, `tta`: the run's `eval.overlap`, `eval.tta` unless given."""
   volumes = run.eval_volumes(split)
-  summary, rows, predictions = evaluate(run, volumes)
+  summary, rows, predictions = evaluate(run, volumes, overlap=overlap, tta=tta)
   summary = {"split": split, "step": int(run.step), "translator": run.translator.name,
              **summary}
   prefix = ("" if split == "val" else f"{split}_") if prefix is None else prefix
@@ -139,11 +223,12 @@ def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None) -> 
 def format_summary(summary: dict) -> str:
   keys = [k for k in summary["model"] if not k.endswith(("_std", "_median"))]
   unit = {"synthrad2023": " (HU)", "mri": " ([0,1])"}.get(summary["protocol"], "")
+  width = max([16] + [len(k) + 1 for k in keys])
   lines = [f"held-out {summary['split']} ({summary['subjects']} subjects, step {summary['step']},"
            f" {summary['protocol']}{unit}):",
-           f"  {'':10s}" + "".join(f"{k:>16s}" for k in keys)]
+           f"  {'':10s}" + "".join(f"{k:>{width}s}" for k in keys)]
   for name in ("model", "baseline"):
-    cells = "".join(f"{summary[name][k]:10.4f} ±{summary[name][k + '_std']:<5.3f}"[:16].rjust(16)
-                    for k in keys)
+    cells = "".join(f"{summary[name][k]:10.4f} ±{summary[name][k + '_std']:<5.3f}"[:16]
+                    .rjust(width) for k in keys)
     lines.append(f"  {name:10s}{cells}")
   return "\n".join(lines)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from medjax import evaluate, files, modalities, parallel
+from medjax import ensemble, evaluate, files, modalities, sliding
 from medjax.data import inputs as input_checks
 from medjax.data import intensity, layouts, volumes
 from medjax.data.preprocess import preprocess, to_original
@@ -37,19 +37,32 @@ TRANSLATE_SEED_OFFSET = 20_000_003
 
 def translate_slices(run, source: np.ndarray, *, steps: int | None = None,
                      samples: int | None = None, batch_size: int | None = None, rng=None,
-                     desc: str = "translate", progress: bool = True):
-  """(Z, H, W, C) model-scale slices → (mean, std), in batches on the mesh, with a bar."""
-  batch_size = parallel.balanced_batch(source.shape[0],
-                                       batch_size or run.config.eval.batch_size, run.mesh.size)
+                     desc: str = "translate", progress: bool = True,
+                     overlap: float | None = None, tta: str | None = None):
+  """(Z, H, W, C) model-scale volume → (mean, std) through `evaluate.predict_volume` (the
+  evaluation's path), with a bar. An `Ensemble`'s members each predict with the same
+  `rng` and combine by the mixture law (`sliding.combine`)."""
+  runs = ensemble.members(run)
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  bar = tqdm(total=source.shape[0], desc=desc, unit="slice", leave=False,
-             disable=not progress, dynamic_ncols=True)
+  unit = "window" if any(evaluate.dims(r.config) == 3 for r in runs) else "slice"
+  total = sum(evaluate.work_units(r, source.shape, overlap=overlap, tta=tta) for r in runs)
+  bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress,
+             dynamic_ncols=True)
   try:
-    prediction = evaluate.translate_volume(run.translate_fn(steps, samples), run.params, source,
-                                           rng, run.mesh, batch_size, on_batch=bar.update)
+    predictions = [evaluate.predict_volume(r, source, rng, overlap=overlap, tta=tta,
+                                           batch_size=batch_size, steps=steps,
+                                           samples=samples, on_batch=bar.update)
+                   for r in runs]
   finally:
     bar.close()
-  return prediction.mean, prediction.std
+  return sliding.combine([p.mean for p in predictions], [p.std for p in predictions])
+
+
+def has_spread(run, samples: int | None, tta: str | None) -> bool:
+  """Whether the std can be non-zero: draws, mirror TTA members or ensemble members."""
+  samples = samples or run.config.translator.samples
+  _, tta = evaluate.inference_settings(run.config, None, tta)
+  return samples > 1 or tta != "none" or len(ensemble.members(run)) > 1
 
 
 def to_output(mean: np.ndarray, std: np.ndarray | None, geometry: dict, target: str):
@@ -67,6 +80,7 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
                    strict_inputs: bool = False,
                    steps: int | None = None, samples: int | None = None,
                    batch_size: int | None = None, seed: int | None = None,
+                   overlap: float | None = None, tta: str | None = None,
                    progress: bool = True, name: str | None = None, sidecar: bool = True,
                    max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS) -> dict:
   """Translate one subject's sources into `output` (and its std into `uncertainty`).
@@ -77,7 +91,8 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   target a CT series `output_dicom` (std: `uncertainty_dicom`), and beside the first of
   them a JSON sidecar (`sidecar_path`) saying what made it and how the input compared
   with the training inputs (`sidecar=False`: only returned, as "record"; directory mode
-  keeps it in its index). Inputs outside that range print warnings, or with
+  keeps it in its index). `run` may be an `ensemble.Ensemble`; `overlap`, `tta`
+  default to the run's `eval.overlap`, `eval.tta`. Inputs outside that range print warnings, or with
   `strict_inputs` are refused before anything is written. A volume of more than
   `max_voxels` voxels is refused before it is read. Returns {"slices", "seconds",
   "output", "uncertainty", "warnings", "sidecar", "record"}.
@@ -117,7 +132,7 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), TRANSLATE_SEED_OFFSET)
   mean, std = translate_slices(run, prepared.model_source(run.recipe.context), steps=steps,
                                samples=samples, batch_size=batch_size, rng=rng,
-                               desc=label, progress=progress)
+                               desc=label, progress=progress, overlap=overlap, tta=tta)
   with_std = uncertainty or uncertainty_dicom
   volume, spread = to_output(mean, std if with_std else None, prepared.geometry, run.target)
   refuse_non_finite(output or output_dicom, volume, spread)
@@ -125,13 +140,13 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   if output_dicom:
     description = dicom.series_description("sCT", run)
     series = dicom.write_ct_series(volume, reference, output_dicom, description=description,
-                                   derivation=_derivation(run, steps, samples, seed))
+                                   derivation=_derivation(run, steps, samples, seed, overlap, tta))
     written["dicom"] = {"folder": str(series), "series_uid": _series_uid(series)}
   if uncertainty_dicom:
     series = dicom.write_ct_series(spread, reference, uncertainty_dicom, intercept=0.0,
                                    description=dicom.series_description("sCT std", run),
                                    derivation="per-voxel std (HU) of the draws of "
-                                   + _derivation(run, steps, samples, seed))
+                                   + _derivation(run, steps, samples, seed, overlap, tta))
     written["uncertainty_dicom"] = {"folder": str(series), "series_uid": _series_uid(series)}
   if output:
     volumes.save_like(volume, reference, output)
@@ -140,7 +155,7 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   record = {
       "inputs": [str(p) for p in inputs], "output": str(output) if output else None,
       "uncertainty": str(uncertainty) if uncertainty else None, **written,
-      "model": _model_record(run, steps, samples, seed),
+      "model": _model_record(run, steps, samples, seed, overlap, tta),
       "input_check": {"warnings": warnings, "strict": strict_inputs,
                       "input": prepared.inputs, "trained": run.inputs,
                       "thresholds": input_checks.THRESHOLDS},
@@ -184,22 +199,33 @@ def _series_uid(folder) -> str:
   return str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
 
 
-def _model_record(run, steps, samples, seed) -> dict:
+def _model_record(run, steps, samples, seed, overlap=None, tta=None) -> dict:
   from importlib import metadata
+  overlap, tta = evaluate.inference_settings(run.config, overlap, tta)
   return {"workdir": str(run.workdir) if run.workdir else None, "step": run.step,
           "translator": run.translator.name, "sources": list(run.recipe.sources),
           "target": run.target,
           "sample_steps": steps or run.config.translator.sample_steps,
           "samples": samples or run.config.translator.samples,
           "seed": run.config.seed if seed is None else seed,
+          "tta": tta, "overlap": overlap,
+          # every run whose predictions were combined (one, or an ensemble's members)
+          "members": [{"workdir": str(r.workdir) if r.workdir else None, "step": r.step,
+                       "translator": r.translator.name,
+                       "sample_steps": steps or r.config.translator.sample_steps,
+                       "samples": samples or r.config.translator.samples}
+                      for r in ensemble.members(run)],
           "medjax": metadata.version("medjax")}
 
 
-def _derivation(run, steps, samples, seed) -> str:
-  record = _model_record(run, steps, samples, seed)
+def _derivation(run, steps, samples, seed, overlap=None, tta=None) -> str:
+  record = _model_record(run, steps, samples, seed, overlap, tta)
+  extra = "".join([f", ensemble of {len(record['members'])}" if len(record["members"]) > 1
+                   else "", ", mirror TTA" if record["tta"] == "flip" else ""])
   return (f"synthetic CT by medjax {record['medjax']} ({record['translator']}, "
           f"{'+'.join(record['sources'])} to {record['target']}, step {record['step']}, "
-          f"{record['sample_steps']} steps x {record['samples']} samples); research use only")
+          f"{record['sample_steps']} steps x {record['samples']} samples{extra}); "
+          "research use only")
 
 
 def refuse_non_finite(output, volume: np.ndarray, spread: np.ndarray | None) -> None:
@@ -235,14 +261,14 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
   output_dir = Path(output_dir)
   files.remove_stale(output_dir)  # a killed earlier run's half-written volumes
   sources = run.recipe.sources
-  samples = options.get("samples") or run.config.translator.samples
-  with_std = samples > 1
+  with_std = has_spread(run, options.get("samples"), options.get("tta"))
   stems = {files.safe_stem(s.id): s.id for s in subjects}
   clash = [stem for stem in stems if with_std and stem.endswith("_std") and stem[:-4] in stems]
   if clash:  # subject `a`'s std would overwrite subject `a_std`'s volume
     raise UserError(f"subjects {stems[clash[0][:-4]]!r} and {stems[clash[0]]!r} under "
                     f"{input_dir}: the std of the first would be written as the second "
-                    f"({clash[0]}.nii.gz); rename one, or translate with --samples 1")
+                    f"({clash[0]}.nii.gz); rename one, or translate with --samples 1"
+                    " (one run, --tta none)")
   done, failed = {}, {}
   for subject in subjects:
     missing = subject.missing(sources)
@@ -277,7 +303,8 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
   # inputs (docs/design.md, "Input checks").
   index = {"target": run.target, "sources": list(sources), "step": run.step,
            "model": _model_record(run, options.get("steps"), options.get("samples"),
-                                  options.get("seed")),
+                                  options.get("seed"), options.get("overlap"),
+                                  options.get("tta")),
            "trained_inputs": run.inputs, "thresholds": input_checks.THRESHOLDS,
            "subjects": done, "failed": failed}
   files.write_json(output_dir / INDEX, index, indent=1)

@@ -233,6 +233,24 @@ def ms_ssim(pred, target, data_range, mask=None, weights=MS_SSIM_WEIGHTS, *,
   return result
 
 
+def through_plane_mae(pred, target, mask, axis: int = 0) -> float:
+  """Slice-consistency error: the mean over neighbour voxel pairs (z, z+1) along `axis`
+  (the axial axis), both inside the mask, of |(pred[z+1] − pred[z]) − (target[z+1] −
+  target[z])|. A slice-wise model whose slices flicker scores high even where each slice's
+  MAE is low; a constant offset scores 0. No such pair (one slice): 0.0."""
+  pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  mask = np.asarray(mask) > 0
+  _check_shapes(pred, target, mask)
+  n = pred.shape[axis]
+  lower = lambda v: np.take(v, range(n - 1), axis=axis)
+  upper = lambda v: np.take(v, range(1, n), axis=axis)
+  pairs = lower(mask) & upper(mask)
+  if not pairs.any():
+    return 0.0
+  error = np.abs((upper(pred) - lower(pred)) - (upper(target) - lower(target)))
+  return float(error[pairs].mean())
+
+
 def _prepare(pred, target, mask, protocol):
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
@@ -282,10 +300,11 @@ def _padded_ssim(pred, target, mask, data_range, **window):
               data_range, _bucket(weights, shape, "constant"), crop=0, **window)
 
 
-def score(pred, target, mask, protocol):
+def score(pred, target, mask, protocol, axial_axis: int = 0):
   """One subject's metrics under `protocol` (docs/design.md); numpy in, floats out.
 
   synthrad2023 / synthrad2025: pred and target in HU. mri: both already on [0, 1].
+  `axial_axis`: the volume's slice axis z, along which `through_plane_mae` pairs voxels.
   """
   pred, target, mask = _prepare(pred, target, mask, protocol)
   if protocol == "synthrad2025":  # MS-SSIM's downsampling would see the padding: unpadded
@@ -293,7 +312,8 @@ def score(pred, target, mask, protocol):
     pred_w, target_w = _ct_window(pred, mask, hu_range), _ct_window(target, mask, hu_range)
     data_range = hu_range[1] - hu_range[0]
     metrics = {"mae": mae(pred, target, mask), "psnr": psnr(pred_w, target_w, data_range, mask),
-               "ms_ssim": ms_ssim(pred_w, target_w, data_range, mask)}
+               "ms_ssim": ms_ssim(pred_w, target_w, data_range, mask),
+               "through_plane_mae": through_plane_mae(pred, target, mask, axial_axis)}
     return {name: float(value) for name, value in metrics.items()}
   shape = tuple(-(-n // BUCKET) * BUCKET for n in pred.shape)
   padded_mask = _bucket(np.asarray(mask), shape, "constant")
@@ -316,6 +336,8 @@ def score(pred, target, mask, protocol):
                             data_range, padded_mask),
                "ssim": _padded_ssim(pred_w, target_w, np.asarray(mask), data_range,
                                     window="uniform", win_size=7, use_sample_covariance=True)}
+  # In the units MAE is in: HU as given for CT, [0, 1] after the clipping for mri.
+  metrics["through_plane_mae"] = through_plane_mae(pred, target, mask, axial_axis)
   return {name: float(value) for name, value in metrics.items()}
 
 

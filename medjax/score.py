@@ -162,6 +162,14 @@ def load_case(case: Case, *, protocol: str, modality: str | None = None,
   return {"pred": pred, "target": target, "mask": mask, "affine": affine}
 
 
+def axial_axis(affine) -> int:
+  """The voxel axis of a file that runs closest to S (inferior–superior): its slice axis z,
+  whatever the file's voxel order (`through_plane_mae` pairs voxels along it)."""
+  import nibabel.orientations as nio
+  codes = nio.io_orientation(np.asarray(affine))[:, 0]
+  return int(np.flatnonzero(codes == 2)[0]) if (codes == 2).any() else 2
+
+
 def score_cases(all_cases, *, protocol: str, modality=None, pred_scale="unit", log=None,
                 max_voxels: int | None = volumes.DEFAULT_MAX_VOXELS):
   """Per-subject rows and {subject: reason} for those that could not be scored."""
@@ -171,7 +179,8 @@ def score_cases(all_cases, *, protocol: str, modality=None, pred_scale="unit", l
       loaded = load_case(case, protocol=protocol, modality=modality, pred_scale=pred_scale,
                          max_voxels=max_voxels)
       row = {"subject": case.id, **metrics.score(loaded["pred"], loaded["target"],
-                                                 loaded["mask"], protocol=protocol)}
+                                                 loaded["mask"], protocol=protocol,
+                                                 axial_axis=axial_axis(loaded["affine"]))}
     except (UserError, ValueError) as error:
       failed[case.id] = str(error)
       if log:

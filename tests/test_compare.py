@@ -12,7 +12,7 @@ from conftest import ROOT
 
 
 def fake_result(run, method, task, psnr, sweep=(), workdir=""):
-  scores = {"mae": 0.05, "psnr": psnr, "ssim": 0.8}
+  scores = {"mae": 0.05, "psnr": psnr, "ssim": 0.8, "through_plane_mae": 0.01}
   return {"run": run, "workdir": workdir, "config": "", "method": method, "task": task,
           "translator": method, "stochastic": bool(sweep),
           "protocol": "mri" if task == "t2w" else "synthrad2023",
@@ -44,6 +44,7 @@ def test_table_and_sweep_files(tmp_path):
   assert float(written[0]["psnr"]) == 20.0 and float(written[1]["psnr"]) == 25.0
   markdown = (tmp_path / "compare.md").read_text()
   assert "T1w → T2w" in markdown and "T1w → CT" in markdown and "MAE (HU)" in markdown
+  assert "through-plane MAE (HU)" in markdown
   compare.write_sweep(str(tmp_path), results)
   with open(tmp_path / "steps.csv") as f:
     assert len(list(csv.DictReader(f))) == 4

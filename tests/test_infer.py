@@ -1,7 +1,9 @@
 """`medjax translate`: geometry in = geometry out, for oblique and non-RAS files."""
 
 import json
+import shutil
 
+import jax
 import jax.numpy as jnp
 import nibabel as nib
 import nibabel.orientations as nio
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from medjax import baseline, cli, infer, parallel
+from medjax import baseline, cli, evaluate, infer, parallel, sliding
 from medjax.data import phantom, preprocess
 from medjax.run import Run
 
@@ -192,3 +194,68 @@ def test_bad_input_is_one_line_naming_it(run, tmp_path, capsys, case):
   err = capsys.readouterr().err.strip()
   assert err.startswith("medjax translate: error:") and named in err
   assert len(err.splitlines()) == 1
+
+
+def test_an_ensemble_of_two_copies_of_a_run_is_that_run(run, tmp_path, capsys):
+  """Directory mode with --workdir RUN COPY: the same mean (members share their draws'
+  keys), the std the mixture law gives, every member in the index."""
+  copy = tmp_path / "copy"
+  shutil.copytree(run, copy)
+  data = phantom.generate(0, 1, shape=(32, 32, 12), spacing=SPACING)
+  root = tmp_path / "data"
+  (root / "s").mkdir(parents=True)
+  write(root / "s" / "t1w.nii.gz", data["t1w"], SPACING)
+  outputs = {}
+  for name, workdirs in (("one", [run]), ("two", [run, copy])):
+    out = tmp_path / name
+    assert cli.main(["medjax", "translate", "--workdir", *map(str, workdirs), "--input-dir",
+                     str(root), "--layout", "phantom", "--output-dir", str(out),
+                     "--samples", "2"]) == 0
+    outputs[name] = [nib.load(out / f"s{suffix}.nii.gz").get_fdata()
+                     for suffix in ("", "_std")]
+    index = json.loads((out / infer.INDEX).read_text())
+    assert [m["workdir"] for m in index["model"]["members"]] == list(map(str, workdirs))
+    assert index["model"]["tta"] == "none"
+  (mean, std), (ensemble_mean, ensemble_std) = outputs["one"], outputs["two"]
+  assert std.max() > 0
+  np.testing.assert_allclose(ensemble_mean, mean, atol=1e-5)
+  np.testing.assert_allclose(ensemble_std, sliding.combine([mean, mean], [std, std])[1],
+                             atol=1e-5)
+
+
+def test_runs_that_differ_do_not_ensemble(run, tmp_path, capsys):
+  other = tmp_path / "other"
+  shutil.copytree(run, other)
+  config = json.loads((other / "config.json").read_text())
+  config["data"]["target"] = "pd"
+  (other / "config.json").write_text(json.dumps(config))
+  assert cli.main(["medjax", "translate", "--workdir", str(run), str(other), "--input",
+                   str(other / "config.json"),
+                   "--output", str(tmp_path / "out.nii.gz")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and str(run) in err and str(other) in err
+  assert "target (t2w vs pd)" in err and not (tmp_path / "out.nii.gz").exists()
+
+
+def test_flip_tta_is_the_mixture_of_the_input_and_its_mirror(run):
+  """2D: tta 'none' is the slice path as it was; 'flip' adds the prediction on the
+  volume mirrored along H (augment.MIRROR_AXES), drawn with fold_in(rng, 1)."""
+  loaded = Run.load(run)
+  source = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 1)).astype(np.float32)
+  rng = jax.random.PRNGKey(3)
+  size = parallel.balanced_batch(5, loaded.config.eval.batch_size, loaded.mesh.size)
+  direct = evaluate.translate_volume(loaded.translate_fn(), loaded.params, source, rng,
+                                     loaded.mesh, size)
+  none = evaluate.predict_volume(loaded, source, rng, tta="none")
+  np.testing.assert_array_equal(none.mean, direct.mean)
+  np.testing.assert_array_equal(none.std, direct.std)
+  mirrored = evaluate.translate_volume(loaded.translate_fn(), loaded.params,
+                                       np.ascontiguousarray(source[:, ::-1]),
+                                       jax.random.fold_in(rng, 1), loaded.mesh, size)
+  flip = evaluate.predict_volume(loaded, source, rng, tta="flip")
+  m = np.stack([direct.mean, mirrored.mean[:, ::-1]]).astype(np.float64)
+  s = np.stack([direct.std, mirrored.std[:, ::-1]]).astype(np.float64)
+  np.testing.assert_allclose(flip.mean, m.mean(0), atol=1e-6)
+  np.testing.assert_allclose(flip.std, np.sqrt(np.maximum((s ** 2 + m ** 2).mean(0)
+                                                          - m.mean(0) ** 2, 0)), atol=1e-5)
+  assert not np.allclose(flip.mean, direct.mean, atol=1e-4)  # the mirror did change it

@@ -56,6 +56,19 @@ def _ct_phantom(shape, seed):
   return pred, target, mask
 
 
+def _through_plane_loop(pred, target, mask, axis=0):
+  """Slice-consistency error by plain loops over the neighbour pairs along `axis`."""
+  pred, target, mask = (np.moveaxis(np.asarray(v), axis, 0) for v in (pred, target, mask))
+  total, count = 0.0, 0
+  for z in range(pred.shape[0] - 1):  # one pair of neighbour slices at a time
+    both = mask[z].astype(bool) & mask[z + 1].astype(bool)
+    steps = (pred[z + 1].astype(np.float64) - pred[z]) - (target[z + 1].astype(np.float64)
+                                                          - target[z])
+    total += np.abs(steps[both]).sum()
+    count += both.sum()
+  return total / count if count else 0.0
+
+
 def _masked_cropped_mean(values, mask, pad):
   return crop(values, pad)[crop(mask, pad)].mean()
 
@@ -122,6 +135,7 @@ def test_score_synthrad2023_matches_hand_assembled_protocol():
       "mae": np.abs(pred - target)[mask].mean(),
       "psnr": peak_signal_noise_ratio(target_c[mask], pred_c[mask], data_range=4024.0),
       "ssim": _masked_cropped_mean(full, mask, 3),
+      "through_plane_mae": _through_plane_loop(pred, target, mask),  # raw HU, as MAE
   }
   actual = metrics.score(pred, target, mask, "synthrad2023")
   assert actual.keys() == expected.keys()
@@ -164,6 +178,7 @@ def test_score_mri_matches_skimage():
       "mae": np.abs(pred_c - target)[mask].mean(),
       "psnr": peak_signal_noise_ratio(target[mask], pred_c[mask], data_range=1.0),
       "ssim": _masked_cropped_mean(full, mask, 5),
+      "through_plane_mae": _through_plane_loop(pred_c, np.clip(target, 0, 1), mask),
   }
   actual = metrics.score(pred, target, mask, "mri")
   assert actual.keys() == expected.keys()
@@ -211,11 +226,34 @@ def _synthrad2025_reference(gt, pred, mask):
 @pytest.mark.parametrize("shape", [(30, 44, 50), (25, 100, 61)])
 def test_score_synthrad2025_matches_challenge_code(shape):
   pred, target, mask = _ct_phantom(shape, seed=5)
-  expected = _synthrad2025_reference(target, pred, mask)
+  expected = {**_synthrad2025_reference(target, pred, mask),
+              "through_plane_mae": _through_plane_loop(pred, target, mask)}
   actual = metrics.score(pred, target, mask, "synthrad2025")
   assert actual.keys() == expected.keys()
   for name in expected:
     np.testing.assert_allclose(actual[name], expected[name], rtol=RTOL, err_msg=name)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_through_plane_mae_matches_a_loop(axis):
+  rng = np.random.default_rng(8)
+  pred, target = rng.normal(size=(2, 6, 7, 5))
+  mask = rng.random((6, 7, 5)) < 0.6
+  np.testing.assert_allclose(metrics.through_plane_mae(pred, target, mask, axis),
+                             _through_plane_loop(pred, target, mask, axis), rtol=1e-12)
+  # A constant offset changes no slice-to-slice step; one slice has no pair.
+  assert metrics.through_plane_mae(target + 37.0, target, mask, axis) == pytest.approx(0, abs=1e-9)
+  assert metrics.through_plane_mae(pred[:1], target[:1], mask[:1], 0) == 0.0
+  assert _through_plane_loop(pred, target, mask, axis) > 0.5
+
+
+def test_score_pairs_slices_along_the_axial_axis():
+  pred, target, mask = _ct_phantom((12, 12, 12), seed=9)  # a cube: one compilation
+  scores = metrics.score(target + 50.0, target, mask, "synthrad2023")
+  assert scores["through_plane_mae"] == pytest.approx(0, abs=1e-6) and scores["mae"] > 49
+  moved = [np.moveaxis(v, 0, 2) for v in (pred, target, mask)]
+  assert metrics.score(*moved, "synthrad2023", axial_axis=2)["through_plane_mae"] == \
+      pytest.approx(_through_plane_loop(pred, target, mask), rel=1e-9)
 
 
 def test_ms_ssim_is_one_for_identical_and_falls_with_noise():

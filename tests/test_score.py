@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medjax import cli, metrics
+from medjax import cli, metrics, score
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
@@ -66,7 +66,7 @@ def test_scores_every_subject_and_writes_csv_and_summary(folders, dataset, capsy
   for row in rows:
     pred, target_hu, mask = arrays[row["subject"]]
     expected = metrics.score(pred.astype(np.float32), target_hu.astype(np.float32), mask,
-                             protocol="synthrad2023")
+                             protocol="synthrad2023", axial_axis=2)  # RAS files: z last
     assert set(expected) == set(row) - {"subject"}
     for name, value in expected.items():
       assert float(row[name]) == pytest.approx(value, rel=1e-6)
@@ -98,7 +98,7 @@ def test_mri_scores_targets_on_their_robust_unit_range(tmp_path):
                    "--protocol", "mri"]) == 0
   row, = read_csv(tmp_path / "pred" / "scores.csv")
   expected = metrics.score(pred.astype(np.float32), unit_target.astype(np.float32), mask,
-                           protocol="mri")
+                           protocol="mri", axial_axis=2)
   for name, value in expected.items():
     assert float(row[name]) == pytest.approx(value, rel=1e-4, abs=1e-6)
 
@@ -162,3 +162,13 @@ def test_evaluation_volumes_make_the_same_report(tmp_path):
   np.testing.assert_allclose(subject.target[:, :, 2], (volume.target[2, ..., 0] + 1) / 2)
   page = figures.write_report(tmp_path, [subject], protocol="mri")
   assert "(phantom_007.png)" in open(page).read() and (tmp_path / "phantom_007.png").exists()
+
+
+@pytest.mark.parametrize("axcodes,axis", [("RAS", 2), ("LPS", 2), ("SAR", 0), ("ASL", 1)])
+def test_axial_axis_is_the_files_inferior_superior_axis(axcodes, axis):
+  directions = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0),
+                "S": (0, 0, 1), "I": (0, 0, -1)}
+  affine = np.eye(4)
+  affine[:3, :3] = np.array([directions[c] for c in axcodes]).T * 2.5
+  assert nib.aff2axcodes(affine) == tuple(axcodes)
+  assert score.axial_axis(affine) == axis

@@ -114,6 +114,17 @@ def non_negative_float(text: str) -> float:
   return value
 
 
+def fraction(text: str) -> float:
+  """A number in [0, 1) (an overlap)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0.0 <= value < 1.0:
+    raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1)")
+  return value
+
+
 def add_max_voxels(parser) -> None:
   """`--max-voxels N`: the one limit on the size of a volume a command reads."""
   from medjax.data.volumes import DEFAULT_MAX_VOXELS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from medjax.commands import common
+
 HELP = "score a trained run on its held-out subjects"
 
 
@@ -14,6 +16,12 @@ def add_arguments(parser) -> None:
   parser.add_argument("--split", default="test", choices=("val", "test"))
   parser.add_argument("--checkpoint", type=int, metavar="STEP",
                       help="checkpoint step (default: the latest)")
+  parser.add_argument("--overlap", type=common.fraction,
+                      help="3D runs: overlap of neighbouring windows, in [0, 1) (default: "
+                           "the run's eval.overlap); recorded in the summary")
+  parser.add_argument("--tta", choices=("none", "flip"),
+                      help="flip: also predict on the mirrored input and average (default: "
+                           "the run's eval.tta); recorded in the summary")
 
 
 def run(args) -> int:
@@ -21,6 +29,6 @@ def run(args) -> int:
   from medjax.run import Run
   parallel.enable_compilation_cache()
   summary = evaluate.evaluate_run(Run.load(args.workdir, step=args.checkpoint), args.split,
-                                  prefix=f"{args.split}_")
+                                  prefix=f"{args.split}_", overlap=args.overlap, tta=args.tta)
   print(evaluate.format_summary(summary))
   return 0

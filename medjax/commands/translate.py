@@ -23,14 +23,19 @@ def add_arguments(parser) -> None:
       "as a new CT series in the input's frame of reference. Every input is compared with\n"
       "what the model was trained on (spacing, field of view, body extent, intensities):\n"
       "a warning names what is out of range (--strict-inputs: an error). OUT.json beside\n"
-      "the output records the model, the settings and that check.")
+      "the output records the model, the settings and that check.\n"
+      "Several --workdir runs (same preprocessing, sources and target) translate as an\n"
+      "ensemble: their predictions are averaged, the std holds their disagreement.\n"
+      "--tta flip also predicts on the mirrored input; a 3D run predicts in overlapping\n"
+      "Gaussian-weighted windows (--overlap).")
   parser.epilog = ("examples:\n"
                    "  medjax translate --workdir runs/mr_ct --input p1_mr.nii.gz --output p1_sct.nii.gz\n"
                    "  medjax translate --workdir runs/mr_ct --input-dir /data/new --layout "
                    "synthrad2023 --output-dir out/\n"
                    "  medjax translate --workdir runs/mr_ct --input dicom/MR_series/ "
                    "--output-dicom dicom/sCT/ --output p1_sct.nii.gz")
-  parser.add_argument("--workdir", help="the trained run directory")
+  parser.add_argument("--workdir", nargs="+", metavar="RUN",
+                      help="the trained run directory; several: an ensemble of them")
   parser.add_argument("--model", metavar="MODEL_DIR",
                       help="an exported model folder (medjax export), instead of --workdir")
   parser.add_argument("--input", nargs="+", metavar="FILE",
@@ -65,7 +70,18 @@ def add_arguments(parser) -> None:
   parser.add_argument("--batch-size", type=common.positive_int,
                       help="slices per batch (default: the run's eval.batch_size)")
   parser.add_argument("--seed", type=int, help="seed of the draws (default: the run's seed)")
+  parser.add_argument("--overlap", type=common.fraction,
+                      help="3D runs: overlap of neighbouring windows, in [0, 1) (default: "
+                           "the run's eval.overlap)")
+  parser.add_argument("--tta", choices=("none", "flip"),
+                      help="flip: also predict on the input mirrored as training mirrors, "
+                           "and average (default: the run's eval.tta)")
   common.add_max_voxels(parser)
+
+
+def _spread_possible(args) -> bool:
+  """Whether the std can be non-zero before the run's settings are known."""
+  return len(args.workdir or ()) > 1 or args.tta == "flip"
 
 
 def _check(args) -> None:
@@ -85,11 +101,13 @@ def _check(args) -> None:
                                              or any(Path(folder).iterdir())):
       raise UserError(f"{folder} exists and is not an empty folder: nothing was written "
                       "(give a new folder for the DICOM series)")
-  if args.uncertainty_dicom and args.samples is not None and args.samples < 2:
+  if (args.uncertainty_dicom and args.samples is not None and args.samples < 2
+      and not _spread_possible(args)):
     raise UserError("--uncertainty-dicom needs --samples 2 or more (the std of the draws)")
   if args.input_dir and not (args.output_dir and args.layout):
     raise UserError("--input-dir needs --layout LAYOUT and --output-dir DIR")
-  if args.uncertainty and args.samples is not None and args.samples < 2:
+  if args.uncertainty and args.samples is not None and args.samples < 2 \
+      and not _spread_possible(args):
     raise UserError("--uncertainty needs --samples 2 or more (the std of the draws)")
   for path in args.input or ():
     if not Path(path).exists():
@@ -103,20 +121,26 @@ def _check(args) -> None:
 def run(args) -> int:
   _check(args)
   from medjax import infer, parallel
+  from medjax.ensemble import Ensemble
   from medjax.run import Run
   parallel.enable_compilation_cache()
-  run = (Run.load_model(args.model) if args.model is not None
-         else Run.load(args.workdir, step=args.checkpoint))
+  if args.model is not None:
+    run = Run.load_model(args.model)
+  elif len(args.workdir) == 1:
+    run = Run.load(args.workdir[0], step=args.checkpoint)
+  else:
+    run = Ensemble.load(args.workdir, step=args.checkpoint)
   samples = args.samples or run.config.translator.samples
-  if samples > 1 and not run.translator.stochastic:
+  spread = infer.has_spread(run, args.samples, args.tta)
+  if samples > 1 and not run.translator.stochastic and not infer.has_spread(run, 1, args.tta):
     print(f"medjax translate: {run.translator.name} is deterministic: the std is zero",
           file=sys.stderr)
-  if (args.uncertainty or args.uncertainty_dicom) and samples < 2:
+  if (args.uncertainty or args.uncertainty_dicom) and not spread:
     raise UserError(f"--uncertainty needs 2 or more draws; the run samples {samples} "
-                    "(give --samples)")
+                    "(give --samples, --tta flip or several --workdir runs)")
   options = dict(steps=args.sample_steps, samples=args.samples, batch_size=args.batch_size,
                  seed=args.seed, max_voxels=args.max_voxels,
-                 strict_inputs=args.strict_inputs)
+                 strict_inputs=args.strict_inputs, overlap=args.overlap, tta=args.tta)
   if args.input:
     result = infer.translate_file(run, args.input, args.output, uncertainty=args.uncertainty,
                                   mask=args.mask, output_dicom=args.output_dicom,

@@ -22,6 +22,13 @@ MASK_FILL = 0.0
 # Share of records rotated/scaled: nnU-Net's 20%, which also keeps the warp (≈0.9 ms
 # per 256² pair) to a fifth of its cost, so two cores reach 2,000 pairs/s.
 P_AFFINE = 0.2
+# Spatial axes of a slice record (H, W, C) that augmentation mirrors: H, the left-right
+# (RAS x) axis, the anatomically plausible flip. Mirror TTA mirrors the same axes
+# (evaluate.predict_volume; docs/design.md, "Sliding windows, TTA and ensembles"); of a
+# volume (Z, H, W, C) they are axes 1 + MIRROR_AXES, and of a 3D patch record
+# (D, H, W, C) MIRROR_AXES_3D, the same H.
+MIRROR_AXES = (0,)
+MIRROR_AXES_3D = (1,)
 
 
 def random_matrix(rng: np.random.Generator, *, flip: bool, rotate_deg: float,
@@ -169,7 +176,8 @@ def augment_record(record: dict, rng: np.random.Generator, *, flip: bool = True,
                                 [IMAGE_FILL, IMAGE_FILL, MASK_FILL], order)
     mask = (mask >= 0.5).astype(np.float32)
   elif flip and rng.random() < 0.5:
-    source, target, mask = source[::-1], target[::-1], mask[::-1]
+    # folded patches too: H is axis 0 after folding (MIRROR_AXES_3D of the patch)
+    source, target, mask = (np.flip(a, MIRROR_AXES) for a in (source, target, mask))
   if depth is not None:
     source, target, mask = (unfold(a, c) for a, c in zip((source, target, mask), channels))
   if jitter:
