@@ -437,6 +437,11 @@ def validate(config, num_devices: int = 1) -> None:
       isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in patch)):
     raise ConfigError(f"data.patch={patch}: a 3D model (model.dims=3) trains on patches of "
                       "(D, H, W) voxels: three whole numbers > 0, e.g. (16, 32, 32)")
+  overlap, tta = config.eval.get("overlap", 0.5), config.eval.get("tta", "none")
+  if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
+    raise ConfigError(f"eval.overlap={overlap!r}: expected a fraction in [0, 1)")
+  if tta not in ("none", "flip"):
+    raise ConfigError(f"eval.tta={tta!r}: expected 'none' or 'flip'")
   foreground = data.get("foreground", 1 / 3)
   if not (isinstance(foreground, (int, float)) and 0.0 <= foreground <= 1.0):
     raise ConfigError(f"data.foreground={foreground!r}: expected a share in [0, 1]")
