@@ -17,6 +17,8 @@ Arguments (FILE.py:NAME=VALUE,…):
           scores against it and against the aligned truth (aligned_mae, …)
   registration  none (default) | deformable: RegGAN-style registration-aware training
           (train.registration; regression, flow, pix2pix)
+  model   the method's backbone (default: U-Net; cyclegan: ResNet generator) | unet |
+          uvit (U-ViT transformer; `size` sets its width, depth and patch)
   size    small (default: 48×48×32 phantom at 3.3 mm, 32-channel U-Net, batch 16, 1000
           steps: minutes on a 2-core CPU) | tiny (32×32×12 at 5 mm, 8 channels, 6 steps:
           seconds, what the tests and notebooks in CI run) | base (160×160×96 at 1 mm,
@@ -30,13 +32,16 @@ PHANTOM_IMAGES = ("t1w", "t2w", "pd", "flair", "ct", "cbct")
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, method="flow", target="t2w", source="t1w", size="small",
-                             misalign=0.0, registration="none")
+                             misalign=0.0, registration="none", model="")
   config_lib.choose("target", arg.target, PHANTOM_IMAGES)
   config_lib.choose("source", arg.source, PHANTOM_IMAGES)
   config = config_lib.base_config()
   config.data.source = (arg.source,)
   config.data.target = arg.target
   config_lib.apply_method(config, arg.method)
+  if arg.model:
+    config_lib.choose("model", arg.model, ("unet", "uvit"))
+    config.model = config_lib.model_config(arg.model)
   config_lib.apply_size(config, arg.size)
   config.data.phantom.misalign = arg.misalign
   config.train.registration = arg.registration

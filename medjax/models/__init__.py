@@ -12,8 +12,9 @@ from medjax.models.layers import DTYPES
 from medjax.models.patchgan import PatchGAN
 from medjax.models.resnet import ResNetGenerator
 from medjax.models.unet import UNet
+from medjax.models.uvit import UViT
 
-MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN}
+MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN, "uvit": UViT}
 
 DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
                     + " | ".join(map(repr, DTYPES)) + "; parameters, norm statistics, "
@@ -45,6 +46,19 @@ OPTIONS = {
         "dtype": ("float32", "compute dtype (as 'unet'); a GAN's discriminator takes "
                              "model.dtype"),
     },
+    "uvit": {
+        "dims": (2, "2: slices (B, H, W, C) | 3: volumes (B, D, H, W, C)"),
+        "patch_size": (4, "side of the square/cubic patch each token covers; input sides "
+                          "must be multiples of it"),
+        "width": (128, "token width (hidden size) of the U-ViT transformer"),
+        "depth": (7, "transformer blocks, odd: depth//2 in, one mid, depth//2 out, "
+                     "long skips between in and out"),
+        "num_heads": (4, "attention heads (dividing width)"),
+        "mlp_ratio": (4.0, "MLP hidden width over the token width"),
+        "dropout": (0.0, "dropout on each block's attention and MLP branch while training"),
+        "dtype": DTYPE,
+        "remat": REMAT,
+    },
 }
 
 
@@ -66,4 +80,4 @@ def build(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["DTYPES", "MODELS", "OPTIONS", "PatchGAN", "ResNetGenerator", "UNet", "build"]
+__all__ = ["DTYPES", "MODELS", "OPTIONS", "PatchGAN", "ResNetGenerator", "UNet", "UViT", "build"]

@@ -69,6 +69,12 @@ def _replicated(x):
                                                              jax.sharding.PartitionSpec()))
 
 
+def _inputs(generator, image):
+  # The ResNet generator takes the image alone; the U-Net and U-ViT take (x_t, t, source)
+  # and, as in regression and pix2pix, see the source alone with x_t = t = None.
+  return (image,) if isinstance(generator, models.ResNetGenerator) else (None, None, image)
+
+
 class CycleGAN(gan.GANTranslator):
   name = "cyclegan"
   options = {**gan.GANTranslator.options,
@@ -102,7 +108,8 @@ class CycleGAN(gan.GANTranslator):
   def generate(self, params, image, *, channels=None):
     """G(image), or F(image) back to `channels` source channels."""
     model = self.model if channels is None else self.backward_model(channels)
-    return model.apply({"params": params}, image, train=True).astype(jnp.float32)
+    return model.apply({"params": params}, *_inputs(model, image),
+                       train=True).astype(jnp.float32)
 
   def judge(self, params, image):
     return self.discriminator.apply({"params": params}, image, train=True)
@@ -110,9 +117,9 @@ class CycleGAN(gan.GANTranslator):
   def init(self, rng, batch) -> CycleState:
     keys = jax.random.split(rng, 4)
     source, target = batch["source"], batch["target"]
-    params = {"g": self.model.init(keys[0], source, train=False)["params"],
-              "f": self.backward_model(source.shape[-1]).init(keys[1], target,
-                                                               train=False)["params"]}
+    backward = self.backward_model(source.shape[-1])
+    params = {"g": self.model.init(keys[0], *_inputs(self.model, source), train=False)["params"],
+              "f": backward.init(keys[1], *_inputs(backward, target), train=False)["params"]}
     disc_params = {"d_a": self.discriminator.init(keys[2], source, train=False)["params"],
                    "d_b": self.discriminator.init(keys[3], target, train=False)["params"]}
     pool = lambda x: jnp.zeros((max(self.pool_size, 1), *x.shape[1:]), jnp.float32)
