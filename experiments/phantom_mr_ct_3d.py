@@ -43,7 +43,7 @@ def get_config(arg=None):
     config.model.update(channels=width, channel_mult=(1, 2) if arg.size == "tiny" else (1, 2, 2),
                         attention_levels=())
   elif arg.model == "uvit":
-    config.model = config_lib.model_config("uvit", **config_lib.UVIT_SIZES[arg.size])
+    config.model = config_lib.model_config("uvit", **config_lib.SIZES[arg.size]["uvit"])
   config.model.dims = 3
   if arg.size == "small":
     config.train.update(batch_size=4, total_steps=1500, learning_rate=1e-3)
