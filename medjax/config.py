@@ -60,6 +60,7 @@ HELP = {
     "train.weight_decay": "AdamW decoupled weight decay",
     "train.grad_clip": "global gradient-norm clip",
     "train.ema_decay": "EMA decay of the parameters evaluation and translation use",
+    "train.masked_loss": "average every pixel loss over batch['mask'] voxels only (body mask)",
     "train.registration": "'none' | 'deformable' (regression, flow, pix2pix): a network R "
                           "warps the prediction onto the imperfectly aligned target before "
                           "the loss (RegGAN); R is discarded at inference",
@@ -123,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
       "total_steps": 1000, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 100,
       "weight_decay": 1e-4, "grad_clip": 1.0, "ema_decay": 0.999, "log_every": 25,
       "profile_steps": (), "registration": "none", "registration_smoothness": 10.0,
-      "registration_lr_scale": 1.0})
+      "registration_lr_scale": 1.0, "masked_loss": False})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4,
                                            "overlap": 0.5, "tta": "none"})

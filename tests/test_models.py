@@ -1,4 +1,5 @@
-"""Backbones: shapes, closed-form properties at init, conditioning, receptive field, registry."""
+"""Backbones: shapes, closed-form properties at init, conditioning, receptive field, registry,
+volumes (model.dims=3) and the ResEnc decoder."""
 
 import functools
 
@@ -184,3 +185,163 @@ def test_registry_unknown_argument_is_named():
     build("unet", out_channels=1, chanels=32)
   with pytest.raises(ValueError, match="out_channels"):
     build("resnet")
+
+
+# -- volumes (model.dims=3) ---------------------------------------------------------
+
+TINY_3D = dict(TINY_UNET, dims=3)
+VOLUME = (BATCH, 8, 16, 16)  # (B, D, H, W): D the axial slice axis
+
+
+def test_3d_backbones_keep_the_volume_shape():
+  source = jax.ShapeDtypeStruct((*VOLUME, 2), jnp.float32)
+  x = jax.ShapeDtypeStruct((*VOLUME, 1), jnp.float32)
+  t = jax.ShapeDtypeStruct((BATCH,), jnp.float32)
+  unet = build("unet", **TINY_3D)
+  out = jax.eval_shape(lambda x, t, s: unet.apply(unet.init(_key(0), x, t, s, train=False),
+                                                  x, t, s, train=False), x, t, source)
+  assert out.shape == (*VOLUME, 1)
+  resnet = build("resnet", out_channels=3, channels=4, num_blocks=1, dims=3)
+  out = jax.eval_shape(lambda s: resnet.apply(resnet.init(_key(0), s, train=False), s,
+                                              train=False), source)
+  assert out.shape == (*VOLUME, 3)
+  # each 4-wide conv with padding 1 maps a side n to (n - 2) // stride + 1.
+  image = jax.ShapeDtypeStruct((1, 16, 32, 24, 2), jnp.float32)
+  patchgan = build("patchgan", channels=4, num_layers=2, dims=3)
+  out = jax.eval_shape(lambda im: patchgan.apply(patchgan.init(_key(0), im, train=False), im,
+                                                 train=False), image)
+  side = lambda n: (((n // 2) // 2) - 1) - 1  # strides 2, 2, then two stride-1 convs
+  assert out.shape == (1, side(16), side(32), side(24), 1) == (1, 2, 6, 4, 1)
+
+
+def _group_norm(x, groups, scale, bias, eps=1e-5):
+  b, c = x.shape[0], x.shape[-1]
+  g = x.reshape(b, -1, groups, c // groups)
+  mean = g.mean(axis=(1, 3), keepdims=True)
+  var = g.var(axis=(1, 3), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def _conv3d(x, kernel, bias, stride=1, padding=1):
+  out = jax.lax.conv_general_dilated(
+      x, kernel, (stride,) * 3, [(padding, padding)] * 3,
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision="highest")
+  return np.asarray(out) + bias
+
+
+def test_3d_blocks_match_lax_convolutions():
+  # ResBlock (norm, FiLM over every voxel, 3³ convs, 1³ skip), Downsample (stride 2 in
+  # D, H and W) and Upsample (nearest along all three axes) against lax and numpy.
+  from medjax.models.layers import Downsample, ResBlock, Upsample
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 4, 6, 8, 4)).astype(np.float32)
+  emb = rng.standard_normal((2, 16)).astype(np.float32)
+  block = ResBlock(8, num_groups=2)
+  params = _jiggle(block.init(_key(0), x, emb, False)["params"], scale=0.3)
+  out = jax.jit(lambda p: block.apply({"params": p}, x, emb, False))(params)
+  silu = lambda v: v / (1 + np.exp(-v))
+  p = jax.tree.map(np.asarray, params)
+  h = silu(_group_norm(x, 2, p["GroupNorm_0"]["scale"], p["GroupNorm_0"]["bias"]))
+  h = _conv3d(h, p["Conv_0"]["kernel"], p["Conv_0"]["bias"])
+  film = silu(emb) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  scale, shift = film[:, None, None, None, :8], film[:, None, None, None, 8:]
+  h = _group_norm(h, 2, p["GroupNorm_1"]["scale"], p["GroupNorm_1"]["bias"]) * (1 + scale) + shift
+  h = _conv3d(silu(h), p["Conv_1"]["kernel"], p["Conv_1"]["bias"])
+  skip = x @ p["skip"]["kernel"].reshape(4, 8) + p["skip"]["bias"]
+  np.testing.assert_allclose(out, skip + h, atol=2e-4)
+
+  down = Downsample(8)
+  dp = down.init(_key(1), x)["params"]
+  np.testing.assert_allclose(down.apply({"params": dp}, x),
+                             _conv3d(x, dp["Conv_0"]["kernel"], dp["Conv_0"]["bias"], stride=2),
+                             atol=1e-4)
+  assert down.apply({"params": dp}, x).shape == (2, 2, 3, 4, 8)
+  up = Upsample(8)
+  upp = up.init(_key(2), x)["params"]
+  nearest = x.repeat(2, axis=1).repeat(2, axis=2).repeat(2, axis=3)
+  np.testing.assert_allclose(up.apply({"params": upp}, x),
+                             _conv3d(nearest, upp["Conv_0"]["kernel"], upp["Conv_0"]["bias"]),
+                             atol=1e-4)
+
+
+def test_3d_unet_on_one_slice_is_the_2d_unet_with_the_middle_kernel_slice():
+  # With depth 1 and zero padding, a 3×3×3 kernel sees the slice through its middle plane
+  # only; norms and attention see the same H·W positions. So a one-level 3D U-Net on
+  # (B, 1, H, W, C) is the 2D U-Net whose kernels are the 3D ones' middle planes.
+  kw = dict(TINY_UNET, channel_mult=(1,), attention_levels=(0,))
+  x, t, source = _inputs()
+  net3, net2 = UNet(**kw, dims=3), UNet(**kw)
+  params3 = _jiggle(jax.jit(net3.init, static_argnames="train")(
+      _key(0), x[:, None], t, source[:, None], train=False)["params"])
+  params2 = jax.tree_util.tree_map_with_path(
+      lambda path, p: p[1] if path[-1].key == "kernel" and p.ndim == 5 else p, params3)
+  out3 = jax.jit(lambda p: net3.apply({"params": p}, x[:, None], t, source[:, None],
+                                      train=False))(params3)
+  out2 = jax.jit(lambda p: net2.apply({"params": p}, x, t, source, train=False))(params2)
+  assert out3.shape == (BATCH, 1, SIZE, SIZE, 1)
+  assert np.abs(out2).max() > 1e-2
+  np.testing.assert_allclose(out3[:, 0], out2, atol=1e-4)
+
+
+def test_input_rank_must_match_dims():
+  x, t, source = _inputs()
+  with pytest.raises(ValueError, match=r"model.dims=3 expects \(B, D, H, W, C\) inputs, "
+                                       r"got shape \(2, 16, 16, 2\)"):
+    jax.eval_shape(lambda: UNet(**TINY_3D).init(jax.random.key(0), None, None, source,
+                                                 train=False))
+  with pytest.raises(ValueError, match=r"model.dims=2 expects \(B, H, W, C\)"):
+    jax.eval_shape(lambda: ResNetGenerator(1, channels=4, num_blocks=1).init(
+        jax.random.key(0), source[:, None], train=False))
+  with pytest.raises(ValueError, match=r"model.dims=3 expects"):
+    jax.eval_shape(lambda: PatchGAN(dims=3).init(jax.random.key(0), source, train=False))
+  # a PatchGAN too deep for its input says so (it gave an empty logit map and NaN losses).
+  with pytest.raises(ValueError, match="num_layers=3 leaves no logit along a side of 8"):
+    jax.eval_shape(lambda: PatchGAN(dims=3).init(jax.random.key(0), jnp.zeros((1, 8, 32, 32, 2)),
+                                                 train=False))
+  # every spatial axis is named where it must divide.
+  with pytest.raises(ValueError, match="D, H and W divisible by 2, got 9x16x16"):
+    jax.eval_shape(lambda: UNet(**TINY_3D).init(jax.random.key(0), None, None,
+                                                 jnp.zeros((1, 9, 16, 16, 2)), train=False))
+
+
+def _unet_parameter_count(cin, out, channels, mult, blocks, decoder_blocks, kernel=27):
+  """Parameters of the ADM U-Net without attention, counted layer by layer."""
+  emb = 4 * channels
+  conv = lambda i, o, k=kernel: k * i * o + o
+
+  def res(i, o):  # norm, conv, FiLM dense, norm, conv, 1³ skip when widths differ
+    return 2 * i + conv(i, o) + (emb * 2 * o + 2 * o) + 2 * o + conv(o, o) + (
+        conv(i, o, 1) if i != o else 0)
+
+  total = (channels * emb + emb) + (emb * emb + emb) + conv(cin, channels)
+  h, skips = channels, [channels]
+  for level, m in enumerate(mult):
+    for _ in range(blocks):
+      total, h = total + res(h, channels * m), channels * m
+      skips.append(h)
+    if decoder_blocks is not None:
+      skips[-(blocks + 1):] = [h]
+    if level < len(mult) - 1:
+      total += conv(h, h)
+      skips.append(h)
+  total += 2 * res(h, h)
+  for level, m in reversed(list(enumerate(mult))):
+    for block in range(blocks + 1 if decoder_blocks is None else decoder_blocks):
+      skip = skips.pop() if decoder_blocks is None or block == 0 else 0
+      total, h = total + res(h + skip, channels * m), channels * m
+    if level:
+      total += conv(h, h)
+  return total + 2 * h + conv(h, out)
+
+
+@pytest.mark.parametrize("decoder_blocks", [None, 1, 3])
+def test_decoder_blocks_parameter_count(decoder_blocks):
+  kw = dict(out_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=2,
+            attention_levels=(), dims=3)
+  model = build("unet", **kw, decoder_blocks=decoder_blocks)
+  source = jax.ShapeDtypeStruct((1, 8, 8, 8, 2), jnp.float32)
+  params = jax.eval_shape(lambda s: model.init(_key(0), None, None, s, train=False), source)
+  count = sum(p.size for p in jax.tree.leaves(params))
+  assert count == _unet_parameter_count(2, 1, 8, (1, 2), 2, decoder_blocks)
+  if decoder_blocks == 1:  # shallower than ADM's 3 blocks per decoder level
+    assert count < _unet_parameter_count(2, 1, 8, (1, 2), 2, None)

@@ -19,6 +19,8 @@ MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN, "uvit":
 DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
                     + " | ".join(map(repr, DTYPES)) + "; parameters, norm statistics, "
                     "softmax, output and loss stay float32 (float16: no loss scaling)")
+DIMS = (2, "spatial axes of the inputs: 2 (B, H, W, C) slices | 3 (B, D, H, W, C) volumes, "
+           "3^dims kernels")
 REMAT = (False, "recompute each residual/attention block's activations in the backward pass "
                 "(less memory; ~17 % more FLOPs per step)")
 
@@ -32,12 +34,17 @@ OPTIONS = {
         "dropout": (0.0, "dropout inside residual blocks while training"),
         "dtype": DTYPE,
         "remat": REMAT,
+        "dims": DIMS,
+        "decoder_blocks": (None, "None: ADM decoder (num_res_blocks + 1 blocks per level, "
+                                 "each taking a skip) | N: N blocks per level after one skip "
+                                 "per level (nnU-Net ResEnc: the encoder is deeper)"),
     },
     "resnet": {
         "channels": (64, "width of the first convolution (CycleGAN ResNet generator)"),
         "num_blocks": (9, "residual blocks at the lowest resolution"),
         "dtype": DTYPE,
         "remat": REMAT,
+        "dims": DIMS,
     },
     "patchgan": {
         "channels": (64, "width of the first discriminator layer (70×70 PatchGAN)"),
@@ -45,6 +52,7 @@ OPTIONS = {
         "norm": ("instance", "'instance' | 'none' (logits that depend on their patch only)"),
         "dtype": ("float32", "compute dtype (as 'unet'); a GAN's discriminator takes "
                              "model.dtype"),
+        "dims": (2, "spatial axes (as 'unet'); a GAN's discriminator takes model.dims"),
     },
     "uvit": {
         "dims": (2, "2: slices (B, H, W, C) | 3: volumes (B, D, H, W, C)"),

@@ -1,6 +1,9 @@
 """Building blocks shared by the backbones: time embedding, norms, resblocks, attention.
 
-Everything is NHWC. Parameters are float32; a block computes in its `dtype` (the
+Everything is channels-last with any number of spatial axes: NHWC slices (`model.dims=2`)
+and NDHWC volumes (`model.dims=3`), one code path; a block reads the number of spatial
+axes from its input, kernels and strides are (k,) * dims (docs/design.md, "Translator
+protocol"). Parameters are float32; a block computes in its `dtype` (the
 backbone's `model.dtype`: float32, bfloat16 or float16), while norm statistics and the
 attention softmax stay float32 (`compute_dtype`). Blocks that end a residual branch
 zero-initialise their last projection (as in ADM), so every block starts as the identity
@@ -16,6 +19,38 @@ import jax.numpy as jnp
 zeros_init = nn.initializers.zeros
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+AXES = ("D", "H", "W")  # NDHWC's spatial axes; 2D inputs are the last two
+
+
+def layout(dims: int) -> str:
+  """'(B, H, W, C)' for 2 spatial axes, '(B, D, H, W, C)' for 3."""
+  return "(B, " + ", ".join(AXES[-dims:]) + ", C)"
+
+
+def check_input(x, dims: int, factor: int = 1, what: str = "") -> tuple[int, ...]:
+  """The spatial shape of `x` after checking its rank against `model.dims` and, with
+  `factor` > 1, that every spatial side divides by it (`what` names who needs it)."""
+  if dims not in (2, 3):
+    raise ValueError(f"model.dims={dims!r}: expected 2 (slices) or 3 (volumes)")
+  if x.ndim != dims + 2:
+    raise ValueError(f"model.dims={dims} expects {layout(dims)} inputs, got shape "
+                     f"{tuple(x.shape)}")
+  spatial = tuple(x.shape[1:-1])
+  if factor > 1 and any(n % factor for n in spatial):
+    names = AXES[-dims:]
+    raise ValueError(f"{what} needs {', '.join(names[:-1])} and {names[-1]} divisible by "
+                     f"{factor}, got {'x'.join(map(str, spatial))}")
+  return spatial
+
+
+def kernel(k: int, dims: int) -> tuple[int, ...]:
+  return (k,) * dims
+
+
+def spatial_dims(x) -> int:
+  return x.ndim - 2
 
 
 def compute_dtype(name: str):
@@ -74,35 +109,38 @@ class ResBlock(nn.Module):
     # `train` is positional: nn.remat marks it static by position (static_argnums=(3,)).
     norm = lambda c: group_norm(c, self.num_groups, dtype=self.dtype)
     conv = lambda *a, **k: nn.Conv(*a, dtype=self.dtype, **k)
+    dims = spatial_dims(x)
     h = nn.silu(norm(x.shape[-1])(x))
-    h = conv(self.channels, (3, 3))(h)
-    scale, shift = jnp.split(nn.Dense(2 * self.channels, dtype=self.dtype)(nn.silu(emb)), 2,
-                             axis=-1)
+    h = conv(self.channels, kernel(3, dims))(h)
+    film = nn.Dense(2 * self.channels, dtype=self.dtype)(nn.silu(emb))
+    # (B, 2C) -> (B, 1, …, 1, 2C): one scale and shift per example and channel.
+    film = film.reshape(film.shape[0], *(1,) * dims, film.shape[-1])
+    scale, shift = jnp.split(film, 2, axis=-1)
     h = norm(self.channels)(h)
-    h = h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+    h = h * (1 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-    h = conv(self.channels, (3, 3), kernel_init=zeros_init)(h)
+    h = conv(self.channels, kernel(3, dims), kernel_init=zeros_init)(h)
     if x.shape[-1] != self.channels:
-      x = conv(self.channels, (1, 1), name="skip")(x)
+      x = conv(self.channels, kernel(1, dims), name="skip")(x)
     return x + h
 
 
 class AttentionBlock(nn.Module):
-  """Multi-head self-attention over all pixels, pre-norm, residual."""
+  """Multi-head self-attention over all pixels (voxels), pre-norm, residual."""
   num_heads: int = 4
   num_groups: int = 32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    batch, height, width, channels = x.shape
+    batch, channels = x.shape[0], x.shape[-1]
     if channels % self.num_heads:
       raise ValueError(f"attention over {channels} channels needs num_heads dividing it, "
                        f"got num_heads={self.num_heads}")
     h = group_norm(channels, self.num_groups, dtype=self.dtype)(x)
-    h = h.reshape(batch, height * width, channels)
+    h = h.reshape(batch, -1, channels)  # every spatial position is one token
     # Projections in `dtype`; the logits' softmax in float32 (a bf16 softmax over
-    # H·W keys loses most of its small weights).
+    # H·W (D·H·W) keys loses most of its small weights).
     h = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, out_kernel_init=zeros_init, deterministic=True,
         dtype=self.dtype, force_fp32_for_softmax=True)(h)
@@ -116,8 +154,9 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     # symmetric padding 1 (torch-style); flax's "SAME" pads stride-2 convs asymmetrically.
-    return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                   dtype=self.dtype)(x)
+    dims = spatial_dims(x)
+    return nn.Conv(self.channels, kernel(3, dims), strides=kernel(2, dims),
+                   padding=((1, 1),) * dims, dtype=self.dtype)(x)
 
 
 class Upsample(nn.Module):
@@ -127,5 +166,7 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     # nearest resize + conv rather than a transposed conv: no checkerboard artefacts.
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return nn.Conv(self.channels, (3, 3), dtype=self.dtype)(x)
+    dims = spatial_dims(x)
+    for axis in range(1, dims + 1):
+      x = jnp.repeat(x, 2, axis=axis)
+    return nn.Conv(self.channels, kernel(3, dims), dtype=self.dtype)(x)

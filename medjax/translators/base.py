@@ -87,6 +87,12 @@ class Translator:
     if self.registration is not None:
       self.tx = registration_lib.optimizer(self.tx, config)
 
+  def pixel_mean(self, values, batch):
+    """The mean of a per-voxel loss term: over every voxel, or with `train.masked_loss`
+    over the voxels of `batch['mask']` only (docs/design.md, "Translator protocol")."""
+    masked = self.config.train.get("masked_loss", False)
+    return masked_mean(values, batch["mask"] if masked else None)
+
   def build_model(self, config):
     model = config.model.to_dict()
     return models.build(model.pop("name"), out_channels=1, **model)
@@ -156,7 +162,15 @@ class Translator:
     return out.astype(jnp.float32)
 
 
+def per_example(values, like):
+  """(B,) per-example scalars shaped to broadcast against `like`: (B, 1, 1, 1) for NHWC
+  slices, (B, 1, 1, 1, 1) for NDHWC volumes."""
+  return jnp.reshape(values, (values.shape[0],) + (1,) * (like.ndim - 1))
+
+
 def masked_mean(values, mask=None):
+  """The mean of `values`, or its mean over the voxels where `mask` (0/1, broadcast to
+  `values`) is 1; an empty mask gives 0."""
   if mask is None:
     return jnp.mean(values)
   weights = jnp.broadcast_to(mask, values.shape)

@@ -86,7 +86,7 @@ class Bridge(base.Translator):
 
   def marginal(self, target, source, t, noise):
     """x_t of the bridge: the target at t = 0, the source at t = 1."""
-    m = self.clock(t)[..., None, None, None]
+    m = base.per_example(self.clock(t), target)
     return (1.0 - m) * target + m * source + jnp.sqrt(self.variance(m)) * noise
 
   def _start(self, source):
@@ -106,10 +106,11 @@ class Bridge(base.Translator):
     t = jax.random.uniform(rng_t, target.shape[:1], minval=T_MIN, maxval=1.0)
     noise = jax.random.normal(rng_noise, target.shape)
     x_t = self.marginal(target, self._start(source), t, noise)
-    goal = (x_t - target) / self._scale(self.clock(t)[:, None, None, None])
+    goal = (x_t - target) / self._scale(base.per_example(self.clock(t), target))
     pred = self.apply(params, x_t, t, source, rng_drop, train=True)
     error = pred - goal
-    return jnp.mean(jnp.abs(error) if self.bridge == "brownian" else error ** 2), {}
+    return self.pixel_mean(jnp.abs(error) if self.bridge == "brownian" else error ** 2,
+                           batch), {}
 
   def nfe(self, steps=None):
     return steps or self.config.translator.sample_steps

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import optax
 
 from medjax import models
-from medjax.translators import gan
+from medjax.translators import base, gan
 
 
 class CycleState(gan.GANState):
-  pool_a: Any  # (pool_size, H, W, Cs) generated source-domain images
+  pool_a: Any  # (pool_size, H, W, Cs) generated source-domain images (D, H, W in 3D)
   pool_b: Any  # (pool_size, H, W, 1) generated target-domain images
   pool_count: jax.Array  # how many of the slots are filled (the same for both pools)
 
@@ -54,7 +54,7 @@ def query_pool(pool, count, images, rng):
   swap = (jax.random.uniform(key_swap, (batch,)) < 0.5) & (count > 0)
   index = jnp.where(filling, jnp.minimum(slot, size - 1),
                     jax.random.randint(key_index, (batch,), 0, jnp.maximum(count, 1)))
-  shown = jnp.where((~filling & swap)[:, None, None, None], pool[index], images)
+  shown = jnp.where(base.per_example(~filling & swap, images), pool[index], images)
   # Images that neither fill nor swap write nowhere: their index is pushed out of range.
   pool = pool.at[jnp.where(filling | swap, index, size)].set(images, mode="drop")
   return shown, pool, jnp.minimum(count + batch, size)
@@ -138,11 +138,13 @@ class CycleGAN(gan.GANTranslator):
       fake_a = self.generate(params["f"], real_b, channels=channels)
       adv = (gan.generator_loss(self.gan_loss, self.judge(d["d_b"], fake_b))
              + gan.generator_loss(self.gan_loss, self.judge(d["d_a"], fake_a)))
+      # With train.masked_loss the B-side terms count b's mask voxels only: an unpaired
+      # batch's mask is its target's. The A-side terms have no mask of theirs: whole image.
       cycle = (jnp.mean(jnp.abs(self.generate(params["f"], fake_b, channels=channels) - real_a))
-               + jnp.mean(jnp.abs(self.generate(params["g"], fake_a) - real_b)))
+               + self.pixel_mean(jnp.abs(self.generate(params["g"], fake_a) - real_b), batch))
       identity = jnp.zeros(())
       if same_channels and self.lambda_identity > 0:
-        identity = (jnp.mean(jnp.abs(self.generate(params["g"], real_b) - real_b))
+        identity = (self.pixel_mean(jnp.abs(self.generate(params["g"], real_b) - real_b), batch)
                     + jnp.mean(jnp.abs(self.generate(params["f"], real_a, channels=channels)
                                        - real_a)))
       total = adv + self.lambda_cycle * (cycle + self.lambda_identity * identity)

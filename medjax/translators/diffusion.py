@@ -94,12 +94,12 @@ class Diffusion(base.Translator):
     rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
     t = jax.random.randint(rng_t, target.shape[:1], 0, self.timesteps)
     noise = jax.random.normal(rng_noise, target.shape)
-    a = self.alpha_bar[t][:, None, None, None]
+    a = base.per_example(self.alpha_bar[t], target)
     x_t = jnp.sqrt(a) * target + jnp.sqrt(1.0 - a) * noise
     goal = {"eps": noise, "x0": target,
             "v": jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * target}[self.prediction]
     pred = self._network(params, x_t, t, source, rng_drop, train=True)
-    return jnp.mean((pred - goal) ** 2), {}
+    return self.pixel_mean((pred - goal) ** 2, batch), {}
 
   def predict_x0_eps(self, params, x_t, t, source):
     """(x̂0, ε̂) from one network evaluation; x̂0 clipped to the data range [-1, 1]."""

@@ -47,15 +47,16 @@ class Flow(base.Translator):
     rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
     t = jax.nn.sigmoid(jax.random.normal(rng_t, target.shape[:1]))
     noise = jax.random.normal(rng_noise, target.shape)
-    tb = t[:, None, None, None]
+    tb = base.per_example(t, target)
     x_t = (1.0 - tb) * noise + tb * target
     velocity = self.apply(self.generator_params(params), x_t, t, source, rng_drop, train=True)
     if self.registration is None:
-      return jnp.mean((velocity - (target - noise)) ** 2), {}
+      return self.pixel_mean((velocity - (target - noise)) ** 2, batch), {}
     clean = x_t + (1.0 - tb) * velocity
     warped, penalty, metrics = self.registration.correct(
         params[registration.REGISTRATION], clean, target)
-    mse = jnp.mean((warped - target) ** 2 / jnp.maximum(1.0 - tb, MIN_REMAINING) ** 2)
+    mse = self.pixel_mean((warped - target) ** 2 / jnp.maximum(1.0 - tb, MIN_REMAINING) ** 2,
+                          batch)
     return mse + penalty, {"velocity_mse": mse, **metrics}
 
   def nfe(self, steps=None):

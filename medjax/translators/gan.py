@@ -61,8 +61,10 @@ class GANTranslator(base.Translator):
     if config.translator.gan_loss not in GAN_LOSSES:
       raise ValueError(f"translator.gan_loss={config.translator.gan_loss!r}; known: {GAN_LOSSES}")
     self.gan_loss = config.translator.gan_loss
-    # The discriminator computes in the generator's dtype: one knob, `model.dtype`.
+    # The discriminator computes in the generator's dtype and judges images of its rank:
+    # one knob each, `model.dtype` and `model.dims`.
     self.discriminator = models.build("patchgan", dtype=config.model.get("dtype", "float32"),
+                                      dims=config.model.get("dims", 2),
                                       **config.translator.discriminator.to_dict())
     self.disc_tx = base.make_optimizer(config.train)
 

@@ -56,11 +56,11 @@ class Pix2Pix(gan.GANTranslator):
       fake = self.generate(self.generator_params(params), source, rng, train=True)
       adv = gan.generator_loss(self.gan_loss, self.judge(state.disc_params, source, fake))
       if self.registration is None:
-        l1 = jnp.mean(jnp.abs(fake - target))
+        l1 = self.pixel_mean(jnp.abs(fake - target), batch)
         return adv + self.lambda_l1 * l1, (fake, adv, l1, {})
       warped, penalty, extra = self.registration.correct(
           params[registration.REGISTRATION], fake, target)
-      l1 = jnp.mean(jnp.abs(warped - target))
+      l1 = self.pixel_mean(jnp.abs(warped - target), batch)
       return adv + self.lambda_l1 * (l1 + penalty), (fake, adv, l1, extra)
 
     def d_loss(disc_params, fake):

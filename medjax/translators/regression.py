@@ -28,10 +28,10 @@ class Regression(base.Translator):
   def loss(self, params, batch, rng):
     pred = self._predict(self.generator_params(params), batch["source"], rng, train=True)
     if self.registration is None:
-      return jnp.mean(jnp.abs(pred - batch["target"])), {}
+      return self.pixel_mean(jnp.abs(pred - batch["target"]), batch), {}
     warped, penalty, metrics = self.registration.correct(
         params[registration.REGISTRATION], pred, batch["target"])
-    l1 = jnp.mean(jnp.abs(warped - batch["target"]))
+    l1 = self.pixel_mean(jnp.abs(warped - batch["target"]), batch)
     return l1 + penalty, {"l1": l1, **metrics}
 
   def translate(self, params, source, rng=None, *, steps=None, samples=1):
