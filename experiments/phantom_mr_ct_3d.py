@@ -52,5 +52,7 @@ def get_config(arg=None):
   else:
     config.eval.batch_size = 4
   if config.translator.name in ("pix2pix", "cyclegan"):
-    config.translator.discriminator.num_layers = 2  # a 16-voxel-deep patch: two strides
+    # a PatchGAN's logit needs room along D: 8-deep patches take one strided layer,
+    # 16-deep ones two
+    config.translator.discriminator.num_layers = {"tiny": 1, "small": 2}[arg.size]
   return config

@@ -24,7 +24,7 @@ from medjax import checkpoint as checkpoint_lib
 from medjax import files, metrics, parallel, translators
 from medjax.data import pipeline
 from medjax.data.preprocess import Recipe
-from medjax.errors import UserError, WorkdirError
+from medjax.errors import ConfigError, UserError, WorkdirError
 
 CONFIG = "config.json"
 RECIPE = "preprocessing.json"
@@ -54,7 +54,11 @@ def create_state(translator, config, mesh, recipe: Recipe):
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape), v.dtype)
            for k, v in record.items()}
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(translator.init, rng, batch)
+  try:
+    abstract = jax.eval_shape(translator.init, rng, batch)
+  except ValueError as error:  # a backbone refusing these shapes: the config's doing
+    shape = "x".join(map(str, batch["source"].shape[1:-1]))
+    raise ConfigError(f"the model cannot take this run's {shape} inputs: {error}") from None
   shardings = parallel.state_shardings(abstract, mesh)
   init = jax.jit(translator.init, out_shardings=shardings)
   return checkpoint_lib.abstract_like(abstract, shardings), lambda: init(rng, batch)

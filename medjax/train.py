@@ -132,13 +132,14 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   translator = translators.build(config)
   recipe = pipeline.recipe(config)
   pipeline.check_splits(config)  # before any work: an empty held-out split cannot score
+  # the model's own shape checks, before anything is written
+  abstract, init = create_state(translator, config, mesh, recipe)
   prepare_workdir(config, workdir)
   source = pipeline.train_source(config)
   # Batches are placed on the mesh two steps ahead; the checkpoint stores the position of
   # the next batch to be used, not of the grain iterator running ahead.
   data_iter = parallel.DevicePrefetch(iter(pipeline.train_dataset(config)), mesh, depth=2)
 
-  abstract, init = create_state(translator, config, mesh, recipe)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                              max_to_keep=config.checkpoint.max_to_keep)
   if checkpointer.latest_step() is not None:
