@@ -46,8 +46,8 @@ def get_config(arg=None):
     config.model = config_lib.model_config("uvit", **config_lib.SIZES[arg.size]["uvit"])
   config.model.dims = 3
   if arg.size == "small":
-    config.train.update(batch_size=4, total_steps=1500, learning_rate=1e-3)
-    config.eval.update(every=750, batch_size=4)
+    config.train.update(batch_size=4, total_steps=600, learning_rate=1e-3, warmup_steps=50)
+    config.eval.update(every=300, batch_size=4)
     config.checkpoint.every = 250
   else:
     config.eval.batch_size = 4

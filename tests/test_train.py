@@ -80,7 +80,11 @@ def test_evaluate_command_scores_test_subjects(flow_run, capsys):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
-  config = tiny_config("flow")
+  """Run on the 3D experiment: its patch source is a pure function of the restored grain
+  index, as the 2D slice source is (test_pipeline.py restores a 2D iterator exactly), and
+  the loop, state and checkpoint are the same code for both."""
+  from medjax import config as config_lib
+  config = config_lib.load(f"{ROOT}/experiments/phantom_mr_ct_3d.py:size=tiny,method=flow")
   config.train.total_steps = 6
   config.checkpoint.every = 2
   config.eval.every = 2  # evaluation after each checkpoint gives the kill a window mid-run

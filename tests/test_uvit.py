@@ -236,6 +236,7 @@ def test_cyclegan_initialises_and_generates_with_uvit_generators():
   # CycleGAN calls a ResNet generator with the image alone and the U-ViT (as the U-Net)
   # with (None, None, image); both of its generators, G and F, are U-ViTs here.
   config = uvit_config("cyclegan")
+  config.translator.discriminator.num_layers = 2  # 16×16 leaves no logit for three strides
   translator = translators.build(config)
   rng = np.random.default_rng(0)
   batch = {"source": jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 2)), jnp.float32),

@@ -34,10 +34,11 @@ def _subsample(points: np.ndarray, seed: int) -> np.ndarray:
 
 
 class PhantomVolumes:
-  """Phantom subjects as volumes (rendered on first use, cached per process)."""
+  """Phantom subjects as volumes, `render(subject)` → Volume (`pipeline.phantom_volume`),
+  rendered on first use and cached per process."""
 
-  def __init__(self, config, subjects):
-    self._config, self._subjects = config, list(subjects)
+  def __init__(self, render, subjects):
+    self._render, self._subjects = render, list(subjects)
     self._cache, self._points = {}, {}
 
   def __len__(self):
@@ -45,8 +46,7 @@ class PhantomVolumes:
 
   def _volume(self, position):
     if position not in self._cache:
-      from medjax.data import pipeline  # pipeline imports this module
-      self._cache[position] = pipeline.phantom_volume(self._config, self._subjects[position])
+      self._cache[position] = self._render(self._subjects[position])
     return self._cache[position]
 
   def subject(self, position) -> int:

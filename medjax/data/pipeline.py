@@ -241,7 +241,7 @@ def volume_store(config, subjects=None):
   """The training subjects as volumes (3D patches are cut from them)."""
   if config.data.kind == "phantom":
     subjects = phantom_split(config)["train"] if subjects is None else subjects
-    return patches.PhantomVolumes(config, subjects)
+    return patches.PhantomVolumes(functools.partial(phantom_volume, config), subjects)
   check_shards(config)
   return patches.ShardVolumes(config.data.dir, "train")
 
