@@ -11,7 +11,9 @@ def add_arguments(parser) -> None:
   parser.description = (
       "Score a run's checkpoint on the held-out subjects of a split. Needs the run\n"
       "directory and that split only (the training shards may be gone); writes\n"
-      "eval/<step>/<split>_summary.json, <split>_subjects.csv and <split>_report/.")
+      "eval/<step>/<split>_summary.json, <split>_subjects.csv and <split>_report/\n"
+      "(<split>_tta-flip_…, <split>_overlap-0.75_… when --tta / --overlap are given, so\n"
+      "evaluations at other settings sit beside each other).")
   parser.add_argument("--workdir", required=True, help="the run directory")
   parser.add_argument("--split", default="test", choices=("val", "test"))
   parser.add_argument("--checkpoint", type=int, metavar="STEP",
@@ -28,7 +30,12 @@ def run(args) -> int:
   from medjax import evaluate, parallel
   from medjax.run import Run
   parallel.enable_compilation_cache()
+  prefix = f"{args.split}_"
+  if args.tta is not None:
+    prefix += f"tta-{args.tta}_"
+  if args.overlap is not None:
+    prefix += f"overlap-{args.overlap:g}_"
   summary = evaluate.evaluate_run(Run.load(args.workdir, step=args.checkpoint), args.split,
-                                  prefix=f"{args.split}_", overlap=args.overlap, tta=args.tta)
+                                  prefix=prefix, overlap=args.overlap, tta=args.tta)
   print(evaluate.format_summary(summary))
   return 0
