@@ -134,7 +134,8 @@ def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(tmp
       out["resumed"] = train_and_evaluate(config, workdir, mesh=parallel.make_mesh(4))["step"]
       print(json.dumps(out))
       """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+         + " --xla_force_host_platform_device_count=8"}
   result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=ROOT,
                           env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
