@@ -86,20 +86,22 @@ def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(tmp
       from medjax.run import Run, create_state
       from medjax.train import make_train_step, train_and_evaluate
       assert jax.device_count() == 8
-      config = tiny_config("flow")
-      out = {"losses": {}}
-      for name, mesh in (("one", parallel.make_mesh(1)),
-                         ("fsdp", parallel.make_mesh(data=2, fsdp=4))):
+      def train_steps(config, mesh, count):
         translator = translators.build(config)
         data = iter(pipeline.train_dataset(config))
         abstract, init = create_state(translator, config, mesh, pipeline.recipe(config))
         state, step = init(), make_train_step(translator, mesh, abstract)
         rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
         losses = []
-        for _ in range(20):
+        for _ in range(count):
           state, metrics = step(state, parallel.global_batch(next(data), mesh), rng)
           losses.append(float(metrics["loss"]))
-        out["losses"][name] = losses
+        return state, losses
+      config = tiny_config("flow")
+      out = {"losses": {}}
+      for name, mesh in (("one", parallel.make_mesh(1)),
+                         ("fsdp", parallel.make_mesh(data=2, fsdp=4))):
+        state, out["losses"][name] = train_steps(config, mesh, 20)
         if name == "fsdp":  # the state really is sharded: a kernel split 4 ways
           kernels = [x for x in jax.tree.leaves(state.params) if x.ndim == 4]
           big = max(kernels, key=lambda x: x.size)
@@ -109,16 +111,7 @@ def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(tmp
       from medjax import config as config_lib
       volumetric = config_lib.load("experiments/phantom_mr_ct_3d.py:size=tiny")
       for name, mesh in (("one", parallel.make_mesh(1)), ("eight", parallel.make_mesh(8))):
-        translator = translators.build(volumetric)
-        data = iter(pipeline.train_dataset(volumetric))
-        abstract, init = create_state(translator, volumetric, mesh, pipeline.recipe(volumetric))
-        state, step = init(), make_train_step(translator, mesh, abstract)
-        rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
-        losses = []
-        for _ in range(6):
-          state, metrics = step(state, parallel.global_batch(next(data), mesh), rng)
-          losses.append(float(metrics["loss"]))
-        out["losses"]["3d_" + name] = losses
+        out["losses"]["3d_" + name] = train_steps(volumetric, mesh, 6)[1]
       workdir = sys.argv[1]
       config.train.total_steps = 4
       config.checkpoint.every = config.eval.every = 4

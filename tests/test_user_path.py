@@ -49,11 +49,30 @@ def phantom_files(tmp_path_factory):
   return data
 
 
-def scored_psnr(pred_dir, data, target) -> float:
+def scored_metrics(pred_dir, data, target) -> dict:
+  """`medjax score` of pred_dir against the phantom files: {metric: {mean, …}}."""
   protocol = "synthrad2023" if target == "ct" else "mri"
   medjax("score", "--pred-dir", pred_dir, "--target-dir", data, "--layout", "phantom",
          "--target", target, "--protocol", protocol)  # status 1: the others have no prediction
-  return json.loads((pred_dir / "scores.json").read_text())["metrics"]["psnr"]["mean"]
+  return json.loads((pred_dir / "scores.json").read_text())["metrics"]
+
+
+def scored_psnr(pred_dir, data, target) -> float:
+  return scored_metrics(pred_dir, data, target)["psnr"]["mean"]
+
+
+def translate_test_subject(workdir, data, out_root, target) -> dict:
+  """The test subject's T1w translated as a user would, with the mask file and without
+  it, then scored: {"mask": metrics, "no mask": metrics}."""
+  source = data / TEST_SUBJECT / "t1w.nii.gz"
+  scores = {}
+  for given in ("mask", "no mask"):
+    out = out_root / given.replace(" ", "_")
+    extra = ["--mask", data / TEST_SUBJECT / "mask.nii.gz"] if given == "mask" else []
+    assert medjax("translate", "--workdir", workdir, "--input", source, "--output",
+                  out / f"{TEST_SUBJECT}.nii.gz", *extra) == 0
+    scores[given] = scored_metrics(out, data, target)
+  return scores
 
 
 @pytest.mark.parametrize("target", ["t2w", "ct"])
@@ -65,14 +84,8 @@ def test_translating_without_a_mask_scores_what_the_evaluation_scored(
   assert medjax("evaluate", "--workdir", workdir, "--split", "test") == 0
   evaluated = json.loads((workdir / "eval" / "150" / "test_summary.json").read_text())
   assert evaluated["subjects"] == 1
-  source = phantom_files / TEST_SUBJECT / "t1w.nii.gz"
-  psnr = {}
-  for given in ("mask", "no mask"):
-    out = tmp_path / given.replace(" ", "_")
-    extra = ["--mask", phantom_files / TEST_SUBJECT / "mask.nii.gz"] if given == "mask" else []
-    assert medjax("translate", "--workdir", workdir, "--input", source, "--output",
-                  out / f"{TEST_SUBJECT}.nii.gz", *extra) == 0
-    psnr[given] = scored_psnr(out, phantom_files, target)
+  scores = translate_test_subject(workdir, phantom_files, tmp_path, target)
+  psnr = {given: metrics["psnr"]["mean"] for given, metrics in scores.items()}
   print(target, psnr, "evaluation:", evaluated["model"]["psnr"], capsys.readouterr().err[-300:])
   # With the training mask the two paths are the same computation on the same voxels.
   assert psnr["mask"] == pytest.approx(evaluated["model"]["psnr"], abs=0.01)
@@ -94,15 +107,7 @@ def test_a_3d_run_translates_by_sliding_window_what_its_evaluation_scored(
   assert medjax("evaluate", "--workdir", workdir, "--split", "test") == 0
   evaluated = json.loads((workdir / "eval" / "12" / "test_summary.json").read_text())
   assert evaluated["subjects"] == 1 and evaluated["overlap"] == 0.5
-  source = phantom_files / TEST_SUBJECT / "t1w.nii.gz"
-  scores = {}
-  for given in ("mask", "no mask"):
-    out = tmp_path / given.replace(" ", "_")
-    extra = ["--mask", phantom_files / TEST_SUBJECT / "mask.nii.gz"] if given == "mask" else []
-    assert medjax("translate", "--workdir", workdir, "--input", source, "--output",
-                  out / f"{TEST_SUBJECT}.nii.gz", *extra) == 0
-    scored_psnr(out, phantom_files, "ct")
-    scores[given] = json.loads((out / "scores.json").read_text())["metrics"]
+  scores = translate_test_subject(workdir, phantom_files, tmp_path, "ct")
   print(scores, evaluated["model"], capsys.readouterr().err[-300:])
   for key in ("psnr", "mae", "through_plane_mae"):
     assert scores["mask"][key]["mean"] == pytest.approx(evaluated["model"][key], rel=1e-3,

@@ -151,3 +151,14 @@ def split_overrides(extra: list[str], prog: str) -> list[str]:
     overrides.append(f"{key}={value}")
     i += 1
   return overrides
+
+
+def add_window_options(parser, recorded: str = "") -> None:
+  """--overlap and --tta: how a run infers (docs/design.md, "Sliding windows, TTA and
+  ensembles"); `recorded` says where the choice is written down."""
+  parser.add_argument("--overlap", type=fraction,
+                      help="3D runs: overlap of neighbouring windows, in [0, 1) (default: "
+                           f"the run's eval.overlap){recorded}")
+  parser.add_argument("--tta", choices=("none", "flip"),
+                      help="flip: also predict on the input mirrored as training mirrors, "
+                           f"and average (default: the run's eval.tta){recorded}")

@@ -18,12 +18,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--split", default="test", choices=("val", "test"))
   parser.add_argument("--checkpoint", type=int, metavar="STEP",
                       help="checkpoint step (default: the latest)")
-  parser.add_argument("--overlap", type=common.fraction,
-                      help="3D runs: overlap of neighbouring windows, in [0, 1) (default: "
-                           "the run's eval.overlap); recorded in the summary")
-  parser.add_argument("--tta", choices=("none", "flip"),
-                      help="flip: also predict on the mirrored input and average (default: "
-                           "the run's eval.tta); recorded in the summary")
+  common.add_window_options(parser, "; recorded in the summary")
 
 
 def run(args) -> int:

@@ -70,12 +70,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--batch-size", type=common.positive_int,
                       help="slices per batch (default: the run's eval.batch_size)")
   parser.add_argument("--seed", type=int, help="seed of the draws (default: the run's seed)")
-  parser.add_argument("--overlap", type=common.fraction,
-                      help="3D runs: overlap of neighbouring windows, in [0, 1) (default: "
-                           "the run's eval.overlap)")
-  parser.add_argument("--tta", choices=("none", "flip"),
-                      help="flip: also predict on the input mirrored as training mirrors, "
-                           "and average (default: the run's eval.tta)")
+  common.add_window_options(parser, "; recorded in the sidecar")
   common.add_max_voxels(parser)
 
 
