@@ -11,7 +11,8 @@ Arguments (FILE.py:NAME=VALUE,…):
           v-prediction, cosine) | bridge (BBDM) | i2sb (I2SB's Schrödinger bridge) |
           pix2pix | cyclegan (unpaired slices from disjoint subjects)
   target  t2w (default) | ct (synthetic CT, scored in HU) | pd | flair
-  source  t1w (default) | t2w | pd | flair | cbct (experiments/phantom_cbct_ct.py)
+  source  t1w (default) | t2w | pd | flair | cbct (experiments/phantom_cbct_ct.py); several
+          joined by '+' (t1w+t2w+pd: three input channels, the first sets the grid)
   misalign  0 (default) | mm: the target is rendered through a per-subject smooth
           deformation and rigid shift of this size (data.phantom.misalign); evaluation
           scores against it and against the aligned truth (aligned_mae, …)
@@ -34,9 +35,11 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, method="flow", target="t2w", source="t1w", size="small",
                              misalign=0.0, registration="none", model="")
   config_lib.choose("target", arg.target, PHANTOM_IMAGES)
-  config_lib.choose("source", arg.source, PHANTOM_IMAGES)
+  sources = tuple(arg.source.split("+"))
+  for source in sources:
+    config_lib.choose("source", source, PHANTOM_IMAGES)
   config = config_lib.base_config()
-  config.data.source = (arg.source,)
+  config.data.source = sources
   config.data.target = arg.target
   config_lib.apply_method(config, arg.method)
   if arg.model:

@@ -25,8 +25,9 @@ import time
 
 import numpy as np
 
+from medjax import any2any
 from medjax import config as config_lib
-from medjax import evaluate, figures, files, metrics, train
+from medjax import evaluate, figures, files, metrics, modalities, train
 from medjax.data import intensity
 from medjax.run import Run
 
@@ -58,12 +59,29 @@ def run_name(spec: str) -> str:
   return files.safe_stem("-".join([os.path.splitext(os.path.basename(path))[0], *values]))
 
 
+def train_steps(config, budget: Budget) -> int:
+  """An experiment's steps at `budget`: `train_steps`, or for an any-to-any experiment
+  over M modalities M × `train_steps` — the total of M dedicated runs, one per missing
+  modality, so the comparison is at equal total training (docs/design.md, "Any-to-any
+  synthesis")."""
+  return budget.train_steps * max(1, len(any2any.modalities(config)))
+
+
+def task_of(config) -> str:
+  """The task a one-direction run is compared in: its target, or with several sources
+  the direction (`t2w+pd+flair>t1w`, as an any-to-any run names its directions)."""
+  sources = modalities.as_tuple(config.data.source)
+  return any2any.direction_name(sources, config.data.target) if len(sources) > 1 \
+      else config.data.target
+
+
 def budget_config(spec: str, budget: Budget):
   config = config_lib.load(spec)
+  steps = train_steps(config, budget)
   with config.unlocked():
-    config.train.total_steps = budget.train_steps
-    config.eval.every = config.checkpoint.every = budget.train_steps
-    config.train.warmup_steps = min(config.train.warmup_steps, budget.train_steps // 10)
+    config.train.total_steps = steps
+    config.eval.every = config.checkpoint.every = steps
+    config.train.warmup_steps = min(config.train.warmup_steps, steps // 10)
     config.logging.progress = False
     if budget.batch_size:
       config.train.batch_size = budget.batch_size
@@ -106,7 +124,7 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
     if cached.get("budget") == asked:
       return cached
 
-  log(f"[compare] {run_name(spec)}: training {budget.train_steps} steps in {workdir}")
+  log(f"[compare] {run_name(spec)}: training {config.train.total_steps} steps in {workdir}")
   train.train_and_evaluate(config, workdir, mesh=mesh)
   run = Run.load(workdir, mesh=mesh)
   volumes = run.eval_volumes("test")
@@ -126,7 +144,8 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
                         std=predictions[0].std[slices, ..., 0])
 
   sweep = []
-  if run.translator.stochastic and budget.sweep_steps:
+  # any-to-any: every direction per sampling step would multiply the sweep; not swept
+  if run.translator.stochastic and budget.sweep_steps and "directions" not in summary:
     subset = volumes[:budget.sweep_subjects] if budget.sweep_subjects else volumes
     for steps in budget.sweep_steps:
       scores, _, _ = evaluate.evaluate(run, subset, steps=steps, samples=1)
@@ -137,17 +156,34 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
 
   result = {
       "run": run_name(spec), "workdir": workdir, "config": spec, "budget": asked,
-      "method": method_label(config), "task": config.data.target,
+      "method": method_label(config), "task": task_of(config),
       "translator": run.translator.name, "stochastic": run.translator.stochastic,
       "protocol": summary["protocol"], "subjects": summary["subjects"],
-      "train_steps": budget.train_steps, "batch_size": config.train.batch_size,
+      "train_steps": config.train.total_steps, "batch_size": config.train.batch_size,
       "steps": summary["steps"], "samples": summary["samples"],
       "nfe": summary["samples"] * summary["nfe_per_sample"],
       "nfe_per_sample": summary["nfe_per_sample"], "train_s": train_seconds(workdir),
       "sample_ms_per_slice": 1000 * sample_seconds,
-      "model": summary["model"], "baseline": summary["baseline"], "sweep": sweep}
+      "model": summary["model"], "baseline": summary["baseline"], "sweep": sweep,
+      **({"directions": summary["directions"]} if "directions" in summary else {})}
   files.write_json(done, result)
   return result
+
+
+def by_direction(results: list[dict]) -> list[dict]:
+  """An any-to-any result becomes one result per evaluated direction (its task the
+  direction's name), so it sits in each task's table beside that direction's dedicated
+  run; other results pass through."""
+  out = []
+  for r in results:
+    if "directions" not in r:
+      out.append(r)
+      continue
+    for name, block in r["directions"].items():
+      out.append({**{k: v for k, v in r.items() if k != "directions"},
+                  "task": name, "method": f"{r['method']}, any-to-any",
+                  "model": block["model"], "baseline": block["baseline"], "any2any": True})
+  return out
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -158,13 +194,14 @@ def table_rows(results: list[dict]) -> list[dict]:
     base = mine[0]["baseline"]
     rows.append({"task": task, "method": "intensity map (baseline)",
                  **{k: base.get(k, math.nan) for k in evaluate.METRIC_KEYS},
-                 "nfe_per_sample": 0, "samples": 1, "train_s": 0.0, "sample_ms_per_slice": 0.0})
+                 "nfe_per_sample": 0, "samples": 1, "train_steps": 0, "train_s": 0.0,
+                 "sample_ms_per_slice": 0.0})
     for r in mine:
       # .get: a result cached before through_plane_mae existed shows nan there
       rows.append({"task": task, "method": r["method"],
                    **{k: r["model"].get(k, math.nan) for k in evaluate.METRIC_KEYS},
                    "nfe_per_sample": r["nfe_per_sample"], "samples": r["samples"],
-                   "train_s": r["train_s"], "sample_ms_per_slice": r["sample_ms_per_slice"]})
+                   "train_steps": r["train_steps"], "train_s": r["train_s"], "sample_ms_per_slice": r["sample_ms_per_slice"]})
   return rows
 
 
@@ -175,16 +212,16 @@ def write_table(directory: str, results: list[dict]) -> list[dict]:
   for task in dict.fromkeys(r["task"] for r in rows):
     first = next(r for r in results if r["task"] == task)
     unit = "HU" if first["protocol"] != "mri" else "[0, 1]"
-    lines += [f"### {TASK_NAMES.get(task, task)} — {first['train_steps']} training steps "
-              f"(batch {first['batch_size']}), {first['subjects']} held-out test subjects, "
-              f"{first['protocol']}", "",
+    lines += [f"### {TASK_NAMES.get(task, task)} — batch {first['batch_size']}, "
+              f"{first['subjects']} held-out test subjects, {first['protocol']}", "",
               f"| method | MAE ({unit}) | PSNR (dB) | SSIM | through-plane MAE ({unit}) "
-              f"| NFE / sample | samples | train (s) | sampling (ms / slice) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"| NFE / sample | samples | train steps | train (s) | sampling (ms / slice) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in (r for r in rows if r["task"] == task):
       lines.append(f"| {r['method']} | {r['mae']:.4g} | {r['psnr']:.2f} | {r['ssim']:.4f} "
                    f"| {r['through_plane_mae']:.4g} "
-                   f"| {r['nfe_per_sample']} | {r['samples']} | {r['train_s']:.0f} "
+                   f"| {r['nfe_per_sample']} | {r['samples']} | {r['train_steps']} "
+                   f"| {r['train_s']:.0f} "
                    f"| {r['sample_ms_per_slice']:.1f} |")
     lines.append("")
   files.write_text(os.path.join(directory, "compare.md"), "\n".join(lines))
@@ -194,8 +231,8 @@ def write_table(directory: str, results: list[dict]) -> list[dict]:
 def write_images(directory: str, results: list[dict]) -> list[str]:
   """Per task: the same held-out slices of the first test subject, every method side by side."""
   paths = []
-  for task in dict.fromkeys(r["task"] for r in results):
-    mine = [r for r in results if r["task"] == task]
+  for task in dict.fromkeys(r["task"] for r in results if not r.get("any2any")):
+    mine = [r for r in results if r["task"] == task and not r.get("any2any")]
     volume = Run.load(mine[0]["workdir"]).eval_volumes("test")[0]
     physical = lambda unit: intensity.to_output_units(unit, volume.target_params, task)
     saved = {r["method"]: np.load(os.path.join(r["workdir"], "compare_slices.npz"))
@@ -244,7 +281,7 @@ def write_sweep(directory: str, results: list[dict]) -> None:
 def compare(specs, root: str, budget: Budget, *, mesh=None, log=print) -> list[dict]:
   """Train and score every experiment, then write the table, pictures and sweep."""
   os.makedirs(root, exist_ok=True)
-  results = [run_one(spec, root, budget, mesh=mesh, log=log) for spec in specs]
+  results = by_direction([run_one(spec, root, budget, mesh=mesh, log=log) for spec in specs])
   write_table(root, results)
   write_images(root, results)
   write_sweep(root, results)

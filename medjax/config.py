@@ -75,6 +75,14 @@ HELP = {
     "mesh.data": "devices along the mesh's data axis (-1: the devices fsdp leaves)",
     "mesh.fsdp": "devices along the fsdp axis: parameters and optimiser state sharded over "
                  "them (1: replicated, plain data parallelism; -1: the devices data leaves)",
+    "data.any2any": "one model for every direction: the input is all data.modalities with "
+                    "an availability mask (missing ones zeroed) and the target's learned "
+                    "embedding; training draws a target and a non-empty available set of "
+                    "the others per example (regression, flow, diffusion, bridge)",
+    "data.modalities": "any-to-any: the MR modalities, in channel order (() : data.source "
+                       "then data.target, the prepared channels)",
+    "eval.directions": "any-to-any evaluation: 'standard' (each modality missing given the "
+                       "others, and every one-input direction) | 'missing_one'",
     "eval.every": "steps between held-out evaluations (and the last step)",
     "eval.batch_size": "slices per evaluation / translation batch",
     "eval.image_slices": "axial slices in each evaluation picture",
@@ -116,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict({
       "kind": "phantom", "dir": "", "source": ("t1w",), "target": "t2w", "augment": True,
       "unpaired": False, "workers": 0, "patch": (), "foreground": 1 / 3,
+      "any2any": False, "modalities": (),
       "phantom": {"subjects": 20, "seed": 0, "shape": (48, 48, 32),
                   "spacing": (160 / 48, 160 / 48, 3.0), "misalign": 0.0}})
   config.model = model_config("unet")
@@ -127,7 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
       "registration_lr_scale": 1.0, "masked_loss": False})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4,
-                                           "overlap": 0.5, "tta": "none"})
+                                           "overlap": 0.5, "tta": "none",
+                                           "directions": "standard"})
   config.checkpoint = ml_collections.ConfigDict({"every": 250, "max_to_keep": 2})
   config.logging = ml_collections.ConfigDict({"progress": True})
   return config
@@ -449,6 +459,7 @@ def validate(config, num_devices: int = 1) -> None:
   foreground = data.get("foreground", 1 / 3)
   if not (isinstance(foreground, (int, float)) and 0.0 <= foreground <= 1.0):
     raise ConfigError(f"data.foreground={foreground!r}: expected a share in [0, 1]")
+  _validate_any2any(config)
   if data.kind == "phantom" and data.phantom.subjects < 3:
     raise ConfigError(f"data.phantom.subjects={data.phantom.subjects}: the train, val and test "
                       "splits need at least 3 subjects")
@@ -460,6 +471,47 @@ def validate(config, num_devices: int = 1) -> None:
     if unknown:
       raise ConfigError(f"{group} {config[group].name!r} has no option(s) {unknown}; "
                         f"it takes {sorted(declared)}")
+
+
+ANY2ANY_METHODS = ("regression", "flow", "diffusion", "bridge")
+
+
+def _validate_any2any(config) -> None:
+  """Any-to-any's requirements (docs/design.md, "Any-to-any synthesis")."""
+  data = config.data
+  named = tuple(data.get("modalities", ()) or ())
+  which = config.eval.get("directions", "standard")
+  if which not in ("standard", "missing_one"):
+    raise ConfigError(f"eval.directions={which!r}: expected 'standard' or 'missing_one'")
+  if not data.get("any2any", False):
+    if named:
+      raise ConfigError(f"data.modalities={list(named)} is any-to-any's set: set "
+                        "data.any2any=true, or leave it () for a one-direction run")
+    return
+  channels = (*modalities.as_tuple(data.source), data.target)
+  names = named or tuple(dict.fromkeys(channels))
+  if len(set(names)) != len(names) or len(names) < 2:
+    raise ConfigError(f"data.modalities={list(names)}: any-to-any needs two or more "
+                      "different modalities")
+  missing = [m for m in names if m not in channels]
+  if missing:
+    raise ConfigError(f"data.modalities names {', '.join(missing)}, which the data does not "
+                      f"carry: the records hold data.source + data.target = {list(channels)}")
+  ct = [m for m in names if modalities.is_ct(m)]
+  if ct:
+    raise ConfigError(f"data.modalities holds {', '.join(ct)}: any-to-any covers MR "
+                      "contrasts, all scored on [0, 1] (train CT as a one-direction run)")
+  if config.translator.name not in ANY2ANY_METHODS:
+    raise ConfigError(f"data.any2any with translator {config.translator.name!r}: any-to-any "
+                      f"runs with {', '.join(ANY2ANY_METHODS)}")
+  if config.model.name not in ("unet", "uvit"):
+    raise ConfigError(f"data.any2any with model {config.model.name!r}: the target embedding "
+                      "is built into unet and uvit")
+  if data.unpaired:
+    raise ConfigError("data.any2any needs paired data (data.unpaired=false)")
+  if data.phantom.get("misalign", 0.0):
+    raise ConfigError("data.any2any with data.phantom.misalign: the misaligned session is "
+                      "data.target's alone, while any-to-any targets every modality")
 
 
 def _translator_options(config):

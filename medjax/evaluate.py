@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from medjax import figures, files, metrics, parallel, sliding
+from medjax import any2any, figures, files, metrics, parallel, sliding
 from medjax.data import augment, intensity
 
 METRIC_KEYS = ("mae", "psnr", "ssim", "through_plane_mae")
@@ -131,15 +131,67 @@ def evaluation_rng(config):
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_SEED_OFFSET)
 
 
+def direction_volumes(run, volumes, available, target: str):
+  """Any-to-any: the held-out volumes as one direction sees them — the model input for
+  `available` → `target` (`any2any.condition`) and that modality as the target."""
+  names = any2any.modalities(run.config)
+  index = any2any.channel_index(run.config)
+  out = []
+  for volume in volumes:
+    images = any2any.images_of(volume.source, volume.target, index)
+    k = names.index(target)
+    out.append(dataclasses.replace(
+        volume, source=any2any.condition(images, names, available, target),
+        target=np.ascontiguousarray(images[..., k:k + 1]), target_aligned=None))
+  return out
+
+
 def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = None,
              rng=None, batch_size: int | None = None, progress=None,
-             overlap: float | None = None, tta: str | None = None):
-  """Scores of the run's model and baseline per subject, their summary, the predictions."""
+             overlap: float | None = None, tta: str | None = None,
+             directions: str | None = None):
+  """Scores of the run's model and baseline per subject, their summary, the predictions.
+
+  Any-to-any runs are scored per direction (`any2any.directions`, `eval.directions`):
+  rows carry a `direction` column, the summary a `directions` block (each direction's
+  model and baseline), its `model`/`baseline` the mean over every (subject, direction),
+  and the predictions are the first direction's."""
   config = run.config
   steps = steps or config.translator.sample_steps
   samples = samples or config.translator.samples
   rng = evaluation_rng(config) if rng is None else rng
   overlap, tta = inference_settings(config, overlap, tta)
+  settings = dict(steps=steps, samples=samples, batch_size=batch_size, overlap=overlap,
+                  tta=tta)
+  summary = {"protocol": run.protocol, "steps": steps, "samples": samples,
+             "nfe_per_sample": run.translator.nfe(steps), "tta": tta, "overlap": overlap}
+  names = any2any.modalities(config)
+  if not names:
+    rows, predictions = _score(run, volumes, run.target, rng, progress=progress, **settings)
+    return {**summary, "subjects": len(rows), **summarise(rows)}, rows, predictions
+  which = directions or config.eval.get("directions", "standard")
+  rows, per, first = [], {}, None
+  todo = any2any.directions(names, which)
+  for d, (available, target) in enumerate(todo):
+    name = any2any.direction_name(available, target)
+    direction_rows, predictions = _score(
+        run, direction_volumes(run, volumes, available, target), target,
+        jax.random.fold_in(rng, d), **settings,
+        progress=None if progress is None else
+        (lambda i, n, d=d: progress(d * n + i, len(todo) * n)))
+    per[name] = {"available": list(available), "target": target,
+                 **summarise(direction_rows)}
+    rows += [{"subject": row["subject"], "direction": name,
+              **{k: v for k, v in row.items() if k != "subject"}} for row in direction_rows]
+    first = first or predictions
+  return ({**summary, "subjects": len(volumes), "directions_evaluated": which,
+           **summarise(rows), "directions": per}, rows, first)
+
+
+def _score(run, volumes, target_modality: str, rng, *, steps, samples, batch_size, overlap,
+           tta, progress=None):
+  """Per-subject rows (model and baseline scores) and predictions of `volumes`."""
+  protocol = metrics.protocol_for(target_modality)
   rows, predictions = [], []
   for i, volume in enumerate(volumes):
     # `medjax translate`'s path: the same batching and padding, the same draws.
@@ -148,7 +200,7 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
                                 steps=steps, samples=samples)
     predictions.append(prediction)
     physical = lambda unit: intensity.to_output_units(unit[..., 0], volume.target_params,
-                                                      run.target)
+                                                      target_modality)
     target, mask = physical(volume.target), volume.mask[..., 0]
     # A misaligned phantom pair also carries the perfectly aligned target: scored against
     # both, what a real study would see (`mae`) and the truth (`aligned_mae`)
@@ -158,19 +210,15 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
     row = {"subject": volume.subject}
     for name, pred in (("model", physical(prediction.mean)),
                        ("baseline", physical(run.baseline(volume.source)))):
-      scores = metrics.score(pred, target, mask, protocol=run.protocol)
+      scores = metrics.score(pred, target, mask, protocol=protocol)
       row.update({f"{name}_{k}": v for k, v in scores.items()})
       if truth is not None:
-        scores = metrics.score(pred, truth, mask, protocol=run.protocol)
+        scores = metrics.score(pred, truth, mask, protocol=protocol)
         row.update({f"{name}_aligned_{k}": v for k, v in scores.items()})
     rows.append(row)
     if progress is not None:
       progress(i + 1, len(volumes))
-  summary = {
-      "protocol": run.protocol, "subjects": len(rows), "steps": steps, "samples": samples,
-      "nfe_per_sample": run.translator.nfe(steps), "tta": tta, "overlap": overlap,
-      **summarise(rows)}
-  return summary, rows, predictions
+  return rows, predictions
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -199,18 +247,23 @@ def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None,
   summary = {"split": split, "step": int(run.step), "translator": run.translator.name,
              **summary}
   prefix = ("" if split == "val" else f"{split}_") if prefix is None else prefix
+  target, channel, pictured = run.target, run.recipe.centre_channel, rows
+  if "directions" in summary:  # any-to-any: the pictures show the first direction
+    name, first = next(iter(summary["directions"].items()))
+    target, channel = first["target"], any2any.modalities(run.config).index(first["available"][0])
+    volumes = direction_volumes(run, volumes, tuple(first["available"]), target)
+    pictured = [row for row in rows if row["direction"] == name]
   if jax.process_index() == 0:
     directory = run.directory("eval", run.step)
     write_results(directory, summary, rows, prefix=prefix)
     image = figures.evaluation_grid(
         run.directory("images", f"{split}_{run.step:06d}.png"), volumes[0], predictions[0],
-        target_modality=run.target, num_slices=run.config.eval.image_slices,
-        stochastic=run.translator.stochastic, source_channel=run.recipe.centre_channel)
+        target_modality=target, num_slices=run.config.eval.image_slices,
+        stochastic=run.translator.stochastic, source_channel=channel)
     figures.write_report(
         os.path.join(directory, f"{prefix}report"),
-        figures.evaluation_subjects(volumes, predictions, rows, run.target,
-                                    spacing=run.recipe.spacing,
-                                    source_channel=run.recipe.centre_channel),
+        figures.evaluation_subjects(volumes, predictions, pictured, target,
+                                    spacing=run.recipe.spacing, source_channel=channel),
         protocol=summary["protocol"])
     if writer is not None:
       scalars = {f"{name}_{k}": v for name in ("model", "baseline")
@@ -231,4 +284,12 @@ def format_summary(summary: dict) -> str:
     cells = "".join(f"{summary[name][k]:10.4f} ±{summary[name][k + '_std']:<5.3f}"[:16]
                     .rjust(width) for k in keys)
     lines.append(f"  {name:10s}{cells}")
+  directions = summary.get("directions") or {}
+  if directions:
+    width = max(len(name) for name in directions) + 2
+    lines.append(f"  per direction (model | baseline): {'':{max(0, width - 34)}s}"
+                 "     psnr      ssim |     psnr      ssim")
+    for name, block in directions.items():
+      lines.append(f"  {name:{width}s}" + "".join(
+          f"{block[part][k]:9.3f} " for part in ("model", "baseline") for k in ("psnr", "ssim")))
   return "\n".join(lines)

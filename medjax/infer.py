@@ -15,6 +15,7 @@ used: what evaluation scored is what a user gets.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sys
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from medjax import ensemble, evaluate, files, modalities, sliding
+from medjax import any2any, ensemble, evaluate, files, modalities, sliding
 from medjax.data import inputs as input_checks
 from medjax.data import intensity, layouts, volumes
 from medjax.data.preprocess import preprocess, to_original
@@ -75,7 +76,66 @@ def to_output(mean: np.ndarray, std: np.ndarray | None, geometry: dict, target: 
   return volume, intensity.std_to_output_units(spread, params, target)
 
 
-def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
+def direction(run, inputs, target: str | None = None):
+  """What the model reads and writes for `inputs`: (sources, paths, target).
+
+  `inputs` is a list in the run's source order, or {modality: path} (`--input
+  t1w=A.nii.gz`). A one-direction run takes exactly its sources (named ones are put in
+  its order) and its own target. An any-to-any run takes any non-empty subset of its
+  modalities, named, and a `target` among the others (default: the one modality not
+  given, if exactly one is missing); anything else is a `UserError` saying what the run
+  takes."""
+  names = any2any.modalities(run.config)
+  if isinstance(inputs, dict):
+    named = {}
+    for key, path in inputs.items():
+      try:
+        named[modalities.canonical(key)] = path
+      except ValueError:
+        raise UserError(f"--input {key}={path}: {key!r} is not a modality name") from None
+    inputs = named
+  if not names:
+    sources = tuple(run.recipe.sources)
+    if isinstance(inputs, dict):
+      if set(inputs) != set(sources):
+        raise UserError(f"the model takes {', '.join(sources)} and translates to "
+                        f"{run.target}; got inputs {', '.join(inputs)}")
+      inputs = [inputs[m] for m in sources]
+    if target is not None and modalities.canonical(target) != run.target:
+      raise UserError(f"--target {target}: this run translates {'+'.join(sources)} to "
+                      f"{run.target} only (an any-to-any run, data.any2any, takes any target)")
+    return sources, list(inputs), run.target
+  if not isinstance(inputs, dict):
+    raise UserError(f"this run is any-to-any over {', '.join(names)}: name each input, "
+                    "e.g. --input t1w=A.nii.gz --input t2w=B.nii.gz --target flair")
+  unseen = [m for m in inputs if m not in names]
+  if unseen:
+    raise UserError(f"--input {unseen[0]}=…: the run never saw {unseen[0]}; it takes any of "
+                    f"{', '.join(names)}")
+  if not inputs:
+    raise UserError("give at least one --input MODALITY=FILE")
+  if target is None:
+    missing = [m for m in names if m not in inputs]
+    if len(missing) != 1:
+      raise UserError(f"give --target: the run synthesises any of {', '.join(names)} and "
+                      f"{', '.join(missing) or 'none'} are not given")
+    target = missing[0]
+  try:
+    target = modalities.canonical(target)
+  except ValueError:
+    raise UserError(f"--target {target}: not a modality name") from None
+  if target not in names:
+    raise UserError(f"--target {target}: the run synthesises {', '.join(names)}, not {target}")
+  if target in inputs:
+    raise UserError(f"--target {target} is also given as an input: the model synthesises a "
+                    "missing modality from the others (drop that --input, or name another "
+                    "target)")
+  sources = tuple(m for m in names if m in inputs)
+  return sources, [inputs[m] for m in sources], target
+
+
+def translate_file(run, inputs, output=None, *, target: str | None = None,
+                   uncertainty=None, mask=None,
                    output_dicom=None, uncertainty_dicom=None, series_uid=None,
                    strict_inputs: bool = False,
                    steps: int | None = None, samples: int | None = None,
@@ -86,7 +146,8 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   """Translate one subject's sources into `output` (and its std into `uncertainty`).
 
   `inputs` are the source files — or DICOM series folders (`series_uid` picks one where a
-  folder holds several) — in the run's source order; `mask`, if given, replaces the
+  folder holds several) — in the run's source order, or {modality: file}; an any-to-any
+  run takes any subset of its modalities and a `target` (`direction`); `mask`, if given, replaces the
   automatic body mask. Written: the NIfTI `output`, and/or with a DICOM input and a CT
   target a CT series `output_dicom` (std: `uncertainty_dicom`), and beside the first of
   them a JSON sidecar (`sidecar_path`) saying what made it and how the input compared
@@ -99,7 +160,7 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   """
   from medjax.data import dicom
   start = time.perf_counter()
-  sources = run.recipe.sources
+  sources, inputs, target = direction(run, inputs, target)
   inputs = [Path(p) for p in inputs]
   if len(inputs) != len(sources):
     raise UserError(f"the model takes {len(sources)} input(s) ({', '.join(sources)}),"
@@ -112,13 +173,17 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   if (output_dicom or uncertainty_dicom) and not isinstance(reference, dicom.Series):
     raise UserError(f"--output-dicom needs a DICOM series as input (its patient, study and "
                     f"frame of reference go into the new series); {inputs[0]} is a file")
-  if (output_dicom or uncertainty_dicom) and not modalities.is_ct(run.target):
-    raise UserError(f"--output-dicom writes a CT series; this run translates to {run.target}")
+  if (output_dicom or uncertainty_dicom) and not modalities.is_ct(target):
+    raise UserError(f"--output-dicom writes a CT series; this run translates to {target}")
   given = dict(zip(sources, read)) | ({"mask": Path(mask)} if mask else {})
   label = name or inputs[0].name
-  prepared = preprocess(given, run.recipe, subject_id=label, targets=False,
+  names = any2any.modalities(run.config)
+  # any-to-any: the given modalities on the first given one's grid (docs/design.md,
+  # "Any-to-any synthesis"); the rest of the recipe is the run's.
+  recipe = dataclasses.replace(run.recipe, sources=sources) if names else run.recipe
+  prepared = preprocess(given, recipe, subject_id=label, targets=False,
                         max_voxels=max_voxels)
-  warnings = check_inputs(run, prepared, read)
+  warnings = check_inputs(run, prepared, read, sources)
   if strict_inputs and warnings:
     raise UserError(f"{label}: --strict-inputs: " + "; ".join(warnings) + ". Nothing was "
                     "written")
@@ -130,11 +195,17 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
           "that part of the output is background", file=sys.stderr)
   seed = run.config.seed if seed is None else seed
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), TRANSLATE_SEED_OFFSET)
-  mean, std = translate_slices(run, prepared.model_source(run.recipe.context), steps=steps,
+  source = prepared.model_source(run.recipe.context)
+  if names:
+    images = np.zeros(source.shape[:-1] + (len(names),), np.float32)
+    for channel, modality in enumerate(sources):
+      images[..., names.index(modality)] = source[..., channel]
+    source = any2any.condition(images, names, sources, target)
+  mean, std = translate_slices(run, source, steps=steps,
                                samples=samples, batch_size=batch_size, rng=rng,
                                desc=label, progress=progress, overlap=overlap, tta=tta)
   with_std = uncertainty or uncertainty_dicom
-  volume, spread = to_output(mean, std if with_std else None, prepared.geometry, run.target)
+  volume, spread = to_output(mean, std if with_std else None, prepared.geometry, target)
   refuse_non_finite(output or output_dicom, volume, spread)
   written = {}
   if output_dicom:
@@ -153,7 +224,8 @@ def translate_file(run, inputs, output=None, *, uncertainty=None, mask=None,
   if uncertainty:
     volumes.save_like(spread, reference, uncertainty)
   record = {
-      "inputs": [str(p) for p in inputs], "output": str(output) if output else None,
+      "inputs": [str(p) for p in inputs], "input_modalities": list(sources),
+      "target": target, "output": str(output) if output else None,
       "uncertainty": str(uncertainty) if uncertainty else None, **written,
       "model": _model_record(run, steps, samples, seed, overlap, tta),
       "input_check": {"warnings": warnings, "strict": strict_inputs,
@@ -179,17 +251,18 @@ def sidecar_path(output) -> Path:
   return output.with_name(output.name + ".json")
 
 
-def check_inputs(run, prepared, read) -> list[str]:
+def check_inputs(run, prepared, read, sources=None) -> list[str]:
   """The input against the run's training inputs (`data.inputs.check`), in words."""
   from medjax.data import dicom
+  sources = run.recipe.sources if sources is None else sources
   dicom_modality = read[0].modality if isinstance(read[0], dicom.Series) else None
   if not run.inputs:
-    warnings = input_checks.check(prepared.inputs, {}, run.recipe.sources,
+    warnings = input_checks.check(prepared.inputs, {}, sources,
                                   dicom_modality=dicom_modality)
     return warnings + ["the model records no ranges of its training inputs (trained "
                        "before medjax kept inputs.json): spacing, field of view and "
                        "intensities were not checked"]
-  return input_checks.check(prepared.inputs, run.inputs, run.recipe.sources,
+  return input_checks.check(prepared.inputs, run.inputs, sources,
                             dicom_modality=dicom_modality)
 
 
@@ -204,7 +277,7 @@ def _model_record(run, steps, samples, seed, overlap=None, tta=None) -> dict:
   overlap, tta = evaluate.inference_settings(run.config, overlap, tta)
   return {"workdir": str(run.workdir) if run.workdir else None, "step": run.step,
           "translator": run.translator.name, "sources": list(run.recipe.sources),
-          "target": run.target,
+          "target": run.target, "any2any": list(any2any.modalities(run.config)) or None,
           "sample_steps": steps or run.config.translator.sample_steps,
           "samples": samples or run.config.translator.samples,
           "seed": run.config.seed if seed is None else seed,
@@ -240,9 +313,40 @@ def refuse_non_finite(output, volume: np.ndarray, spread: np.ndarray | None) -> 
           "earlier --checkpoint), or the input is far outside what it was trained on")
 
 
-def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **options):
+# BraTS 2023's file tags: an any-to-any run filling in a `brasyn` folder names its outputs
+# as the missing files would be named (docs/design.md, "Any-to-any synthesis").
+BRATS_TAGS = {"t1w": "t1n", "t1c": "t1c", "t2w": "t2w", "flair": "t2f"}
+
+
+def _fill_plan(run, subject, target):
+  """Any-to-any directory mode: [(available sources, target)] for one subject, and a note.
+
+  With `target`: that modality from every other one the subject has. Without: every
+  modality of the run the subject lacks (BraSyn: one), each from all it has."""
+  names = any2any.modalities(run.config)
+  have = [m for m in names if m in subject.files and m != target]
+  if not have:
+    raise UserError(f"none of the run's modalities {', '.join(names)} is there to "
+                    "translate from")
+  if target is not None:
+    return [(tuple(have), target)], None
+  missing = [m for m in names if m not in subject.files]
+  note = None
+  if not missing:
+    note = f"has every modality of the run ({', '.join(names)}): nothing to synthesise"
+  elif len(missing) > 1:
+    note = (f"{len(missing)} modalities missing ({', '.join(missing)}); each synthesised "
+            f"from {'+'.join(have)}")
+  return [(tuple(have), m) for m in missing], note
+
+
+def translate_directory(run, input_dir, output_dir, layout: str, *, target=None, log=None,
+                        **options):
   """Every subject of a dataset folder → OUT/<id>.nii.gz (+ OUT/<id>_std.nii.gz with
-  samples ≥ 2) and OUT/translations.json. A bad subject is reported and skipped; subject
+  samples ≥ 2) and OUT/translations.json. An any-to-any run translates each subject to
+  `target` from every other modality it has, or without `target` fills in every
+  modality the subject lacks (a `brasyn` folder: the one removed), written as
+  OUT/<id>/<id>-<tag>.nii.gz (BraTS 2023's tags for brats layouts). A bad subject is reported and skipped; subject
   ids become safe file names, so nothing is written outside `output_dir`. A full or
   read-only output disk stops the run with that `OSError` (the volumes written so far are
   complete), and so does a non-finite model output (`NonFiniteError`).
@@ -269,8 +373,27 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
                     f"{input_dir}: the std of the first would be written as the second "
                     f"({clash[0]}.nii.gz); rename one, or translate with --samples 1"
                     " (one run, --tta none)")
-  done, failed = {}, {}
+  done, failed, notes = {}, {}, {}
+  names = any2any.modalities(run.config)
+  if target is not None and not names:
+    direction(run, [None] * len(sources), target)  # a one-direction run: its own target only
+    target = None
   for subject in subjects:
+    if names:
+      try:
+        plan, note = _fill_plan(run, subject, target)
+      except UserError as error:
+        failed[subject.id] = str(error)
+        log(f"medjax translate: {subject.id}: {error}")
+        continue
+      if note:
+        notes[subject.id] = note
+        log(f"medjax translate: {subject.id}: {note}")
+      entry = _translate_any2any(run, subject, plan, output_dir, layout, with_std,
+                                 fill=target is None, failed=failed, log=log, **options)
+      if entry is not None:
+        done[subject.id] = entry
+      continue
     missing = subject.missing(sources)
     if missing:
       failed[subject.id] = f"missing {', '.join(missing)} in {input_dir}"
@@ -301,14 +424,59 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, log=None, **
                         "input": result["record"]["input_check"]["input"]}}
   # The index is the folder's sidecar: what made it, and each input against the training
   # inputs (docs/design.md, "Input checks").
-  index = {"target": run.target, "sources": list(sources), "step": run.step,
+  index = {"target": target if names else run.target,
+           "sources": list(names or sources), "step": run.step,
            "model": _model_record(run, options.get("steps"), options.get("samples"),
                                   options.get("seed"), options.get("overlap"),
                                   options.get("tta")),
            "trained_inputs": run.inputs, "thresholds": input_checks.THRESHOLDS,
-           "subjects": done, "failed": failed}
+           "subjects": done, "failed": failed, **({"notes": notes} if notes else {})}
   files.write_json(output_dir / INDEX, index, indent=1)
   return done, failed
+
+
+def _translate_any2any(run, subject, plan, output_dir: Path, layout: str, with_std: bool, *,
+                       fill: bool, failed: dict, log, **options):
+  """One subject's directions (`_fill_plan`) → its files and index entry, or None."""
+  stem = files.safe_stem(subject.id)
+  filled, seconds, warnings, first = {}, 0.0, [], None
+  for available, target in plan:
+    if fill:
+      tag = BRATS_TAGS.get(target, target) if layout in ("brats2023", "brasyn") else target
+      output = output_dir / stem / f"{stem}-{tag}.nii.gz"
+    else:
+      output = output_dir / f"{stem}.nii.gz"
+    uncertainty = output.with_name(output.name[:-len(".nii.gz")] + "_std.nii.gz") \
+        if with_std else None
+    try:
+      output.parent.mkdir(parents=True, exist_ok=True)
+      result = translate_file(run, {m: subject.files[m] for m in available}, output,
+                              target=target, uncertainty=uncertainty,
+                              mask=subject.files.get("mask"), name=subject.id,
+                              sidecar=False, **options)
+    except (UserError, ValueError, OSError) as error:
+      if isinstance(error, OSError) and _output_fault(error, output_dir):
+        raise
+      failed[subject.id] = str(error)
+      log(f"medjax translate: {subject.id}: {error}")
+      return None
+    report_time(f"{subject.id} {target}", result)
+    seconds += result["seconds"]
+    warnings += result["warnings"]
+    filled[target] = {"prediction": os.path.relpath(output, output_dir),
+                      "std": os.path.relpath(uncertainty, output_dir) if uncertainty else None,
+                      "available": list(available)}
+    first = first or (target, filled[target], result)
+  if first is None:
+    return None
+  target, entry, result = first
+  return {"prediction": entry["prediction"], "std": entry["std"], "target": target,
+          "sources": [str(Path(subject.files[m]).resolve()) for m in entry["available"]],
+          "filled": filled,
+          "mask": str(Path(subject.files["mask"]).resolve()) if "mask" in subject.files else None,
+          "seconds": round(seconds, 3),
+          "input_check": {"warnings": warnings,
+                          "input": result["record"]["input_check"]["input"]}}
 
 
 def _output_fault(error: OSError, output_dir: Path) -> bool:

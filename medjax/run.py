@@ -21,7 +21,7 @@ import numpy as np
 
 from medjax import baseline as baseline_lib
 from medjax import checkpoint as checkpoint_lib
-from medjax import files, metrics, parallel, translators
+from medjax import any2any, files, metrics, parallel, translators
 from medjax.data import pipeline
 from medjax.data.preprocess import Recipe
 from medjax.errors import ConfigError, UserError, WorkdirError
@@ -51,6 +51,10 @@ def create_state(translator, config, mesh, recipe: Recipe):
   leaf carries its sharding on `mesh` (`parallel.state_shardings`).
   """
   record = recipe.example_record(tuple(config.data.get("patch", ())))
+  count = len(any2any.modalities(config))
+  if count:  # any-to-any's model input: images, availability, target (3·M channels)
+    record["source"] = np.zeros((*record["mask"].shape[:-1], any2any.GROUPS * count),
+                                np.float32)
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape), v.dtype)
            for k, v in record.items()}
   rng = jax.random.PRNGKey(config.seed)
@@ -95,7 +99,7 @@ def _artefacts(folder: Path):
   except (KeyError, TypeError, ValueError) as error:
     raise WorkdirError(f"{recipe_path}: not a preprocessing recipe ({error})") from None
   try:
-    baseline = baseline_lib.IntensityMap.from_dict(files.read_json(baseline_path, dict))
+    baseline = baseline_lib.from_dict(files.read_json(baseline_path, dict))
   except (KeyError, TypeError, ValueError) as error:
     raise WorkdirError(f"{baseline_path}: not a fitted baseline ({error})") from None
   return config, recipe, baseline

@@ -106,7 +106,10 @@ def cases(pred_dir, target_dir, mask_dir=None, *, layout=None, modality=None) ->
       subjects = layouts.find_subjects(layout, target_dir)
     except ValueError as error:
       raise UserError(str(error)) from None
-    targets = {s.id: s.files.get(modality) for s in subjects}
+    # an any-to-any translation names each subject's target (a brasyn fill: the missing one)
+    index = read_index(pred_dir) or {"subjects": {}}
+    own = {sid: entry.get("target") for sid, entry in index["subjects"].items()}
+    targets = {s.id: s.files.get(own.get(s.id) or modality) for s in subjects}
     if not mask_dir:
       masks = {s.id: s.files["mask"] for s in subjects if "mask" in s.files}
   else:

@@ -20,7 +20,7 @@ from medjax import baseline as baseline_lib
 from medjax import checkpoint as checkpoint_lib
 from medjax import config as config_lib
 from medjax import evaluate as evaluate_lib
-from medjax import files, lock
+from medjax import any2any, files, lock
 from medjax import logging as logging_lib
 from medjax import parallel, translators
 from medjax.data import pipeline
@@ -44,9 +44,17 @@ def prepare_workdir(config, workdir: str) -> None:
     files.write_text(path, config_lib.to_json(config))
 
 
-def fit_baseline(source, channel: int, max_records: int = 4096):
+def fit_baseline(source, channel: int, config=None, max_records: int = 4096):
+  """The intensity-map baseline on every k-th training record; any-to-any: one map per
+  ordered modality pair (`baseline.fit_pairs`)."""
   stride = max(1, len(source) // max_records)
-  return baseline_lib.fit((source[i] for i in range(0, len(source), stride)), channel=channel)
+  records = (source[i] for i in range(0, len(source), stride))
+  if config is not None and any2any.enabled(config):
+    index = any2any.channel_index(config)
+    return baseline_lib.fit_pairs(
+        (any2any.images_of(r["source"], r["target"], index) for r in records),
+        any2any.modalities(config))
+  return baseline_lib.fit(records, channel=channel)
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -160,7 +168,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   # host↔device copies, so nothing slips into the hot loop unnoticed.
   rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
                        parallel.replicated(mesh))
-  baseline = fit_baseline(source, recipe.centre_channel)
+  baseline = fit_baseline(source, recipe.centre_channel, config)
   save_artefacts(workdir, recipe, baseline, pipeline.training_inputs(config))
   run = Run(workdir, config, recipe, baseline, translator, None, start, mesh)
   writer = logging_lib.MetricWriter(workdir)

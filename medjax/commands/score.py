@@ -63,7 +63,9 @@ def _modality(args) -> str | None:
 def run(args) -> int:
   from medjax import figures, score
   modality = _modality(args)
-  if args.layout and not modality:
+  index = score.read_index(args.pred_dir) or {"subjects": {}}
+  per_subject = all(isinstance(e, dict) and e.get("target") for e in index["subjects"].values())
+  if args.layout and not modality and not (index["subjects"] and per_subject):
     raise UserError("--layout needs --target (which modality of each subject is the target)")
   cases = score.cases(args.pred_dir, args.target_dir, args.mask_dir, layout=args.layout,
                       modality=modality)

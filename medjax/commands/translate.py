@@ -33,14 +33,22 @@ def add_arguments(parser) -> None:
                    "  medjax translate --workdir runs/mr_ct --input-dir /data/new --layout "
                    "synthrad2023 --output-dir out/\n"
                    "  medjax translate --workdir runs/mr_ct --input dicom/MR_series/ "
-                   "--output-dicom dicom/sCT/ --output p1_sct.nii.gz")
+                   "--output-dicom dicom/sCT/ --output p1_sct.nii.gz\n"
+                   "  medjax translate --workdir runs/any2any --input t1w=t1.nii.gz --input "
+                   "t2w=t2.nii.gz --target flair --output flair.nii.gz\n"
+                   "  medjax translate --workdir runs/any2any --input-dir /data/BraSyn_val "
+                   "--layout brasyn --output-dir out/   # every missing modality")
   parser.add_argument("--workdir", nargs="+", metavar="RUN",
                       help="the trained run directory; several: an ensemble of them")
   parser.add_argument("--model", metavar="MODEL_DIR",
                       help="an exported model folder (medjax export), instead of --workdir")
-  parser.add_argument("--input", nargs="+", metavar="FILE",
+  parser.add_argument("--input", nargs="+", action="extend", metavar="[MODALITY=]FILE",
                       help="source file(s) or DICOM series folder(s) of one subject, in the "
-                           "run's source order")
+                           "run's source order, or named (t1w=A.nii.gz; repeatable): an "
+                           "any-to-any run takes any subset of its modalities")
+  parser.add_argument("--target", metavar="MODALITY",
+                      help="the modality to synthesise (an any-to-any run; default: the one "
+                           "of its modalities not given; --input-dir: every missing one)")
   parser.add_argument("--output", metavar="FILE", help="output .nii or .nii.gz (with --input)")
   parser.add_argument("--output-dicom", metavar="DIR",
                       help="write the synthetic CT as a DICOM CT series into DIR (new or "
@@ -79,6 +87,26 @@ def _spread_possible(args) -> bool:
   return len(args.workdir or ()) > 1 or args.tta == "flip"
 
 
+def named_inputs(items):
+  """`--input` items → a list of paths, or {modality: path} when they are named
+  (MODALITY=FILE, the name a modality: t1w, t2f, …); mixing the two is refused."""
+  from medjax import modalities
+  named = {}
+  for item in items or ():
+    key, sep, path = str(item).partition("=")
+    try:
+      modality = modalities.canonical(key) if sep else None
+    except ValueError:
+      modality = None
+    if modality is not None:
+      if modality in named:
+        raise UserError(f"--input {item}: {modality} is given twice")
+      named[modality] = path
+  if named and len(named) != len(items):
+    raise UserError("--input: name every input (t1w=A.nii.gz t2w=B.nii.gz) or none")
+  return named or list(items or ())
+
+
 def _check(args) -> None:
   if (args.workdir is None) == (args.model is None):
     raise UserError("give either --workdir RUN or --model MODEL_DIR")
@@ -104,7 +132,8 @@ def _check(args) -> None:
   if args.uncertainty and args.samples is not None and args.samples < 2 \
       and not _spread_possible(args):
     raise UserError("--uncertainty needs --samples 2 or more (the std of the draws)")
-  for path in args.input or ():
+  inputs = named_inputs(args.input)
+  for path in (inputs.values() if isinstance(inputs, dict) else inputs):
     if not Path(path).exists():
       raise UserError(f"input {path} does not exist")
   if args.mask and not Path(args.mask).is_file():
@@ -137,14 +166,15 @@ def run(args) -> int:
                  seed=args.seed, max_voxels=args.max_voxels,
                  strict_inputs=args.strict_inputs, overlap=args.overlap, tta=args.tta)
   if args.input:
-    result = infer.translate_file(run, args.input, args.output, uncertainty=args.uncertainty,
+    result = infer.translate_file(run, named_inputs(args.input), args.output,
+                                  target=args.target, uncertainty=args.uncertainty,
                                   mask=args.mask, output_dicom=args.output_dicom,
                                   uncertainty_dicom=args.uncertainty_dicom,
                                   series_uid=args.series_uid, **options)
-    infer.report_time(Path(args.input[0]).name, result)
+    infer.report_time(Path(result["record"]["inputs"][0]).name, result)
     return 0
   done, failed = infer.translate_directory(run, args.input_dir, args.output_dir, args.layout,
-                                           **options)
+                                           target=args.target, **options)
   print(f"translated {len(done)} subject(s) to {args.output_dir}"
         + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
   if not done:

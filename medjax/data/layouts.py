@@ -165,6 +165,13 @@ def _brats2023(root: Path, notes) -> list[Subject]:
   return _brats(root, notes, r"BraTS-[A-Z]+-\d+-\d+", "-", ("t1n", "t1c", "t2w", "t2f", "seg"))
 
 
+def _brasyn(root: Path, notes) -> list[Subject]:
+  # BraSyn (BraTS 2023's missing-MRI challenge): BraTS 2023 folders in which each
+  # validation subject lacks one of t1n/t1c/t2w/t2f (and its seg); an any-to-any run's
+  # `medjax translate --layout brasyn` fills the gap (docs/design.md, "Any-to-any synthesis").
+  return _brats(root, notes, r"BraTS-[A-Z]+-\d+-\d+", "-", ("t1n", "t1c", "t2w", "t2f", "seg"))
+
+
 _IXI_RE = re.compile(r"(IXI\d+)-([A-Za-z]+)-(\d+)-(T1|T2|PD)", re.IGNORECASE)
 
 
@@ -344,6 +351,7 @@ LAYOUTS = {
     "synthrad2025": _synthrad,  # the same folders, with .mha files
     "brats2021": _brats2021,
     "brats2023": _brats2023,
+    "brasyn": _brasyn,
     "ixi": _ixi,
     "bids": _bids,
     "phantom": _phantom,

@@ -21,13 +21,15 @@ import grain
 import jax
 import numpy as np
 
-from medjax import metrics, modalities
+from medjax import any2any, metrics, modalities
 from medjax.data import augment, inputs, intensity, patches, phantom
 from medjax.data.preprocess import Recipe, Volume
 from medjax.errors import ConfigError
 
 
 PATCH_SEED_OFFSET = 2  # 3D patch placement: seed + 2 (order seed, augmentation seed + 1)
+ANY2ANY_SEED_OFFSET = 3  # any-to-any's modality dropout draws: seed + 3
+JITTER = 0.1  # augment.augment_record's default source intensity jitter
 
 
 def phantom_volume(config, subject: int) -> Volume:
@@ -109,6 +111,9 @@ def recipe(config) -> Recipe:
   if config.data.kind == "phantom":
     return Recipe.of_phantom(config)
   made = check_shards(config)
+  if made.context and any2any.enabled(config):
+    raise ConfigError(f"{config.data.dir} was prepared with --context {made.context}; an "
+                      "any-to-any run (data.any2any) needs shards prepared with --context 0")
   if made.context and is_volumetric(config):
     # 2.5D neighbour slices are 2D's stand-in for depth; a 3D model sees depth itself.
     raise ConfigError(f"{config.data.dir} was prepared with --context {made.context}; a 3D "
@@ -161,7 +166,8 @@ def training_inputs(config) -> dict:
   shards were prepared before medjax recorded them."""
   if config.data.kind == "phantom":
     p = config.data.phantom
-    sources = modalities.as_tuple(config.data.source)
+    # any-to-any: every modality of the set is an input of some direction
+    sources = any2any.modalities(config) or modalities.as_tuple(config.data.source)
     descriptions = []
     for subject in phantom_split(config)["train"]:
       vols = phantom.generate(p.seed, subject, shape=tuple(p.shape), spacing=tuple(p.spacing))
@@ -185,8 +191,24 @@ def eval_volumes(config, split: str) -> list[Volume]:
   return shards.split_volumes(config.data.dir, split)
 
 
-def _augment(record, rng, jitter_group=None):
-  return augment.augment_record(record, rng, jitter_group=jitter_group)
+def _augment(record, rng, jitter_group=None, jitter=JITTER):
+  return augment.augment_record(record, rng, jitter_group=jitter_group, jitter=jitter)
+
+
+def any2any_record(record, rng, *, index, jitter: float = 0.0):
+  """Modality dropout on one (augmented) record: its source and target channels become
+  the images of the run's M modalities (`index`), a target and a non-empty available set
+  of the others are drawn (`any2any.draw`), the available images get the source intensity
+  jitter, and the record becomes that direction's model input and target
+  (docs/design.md, "Any-to-any synthesis"). The target keeps its true intensities."""
+  images = any2any.images_of(record["source"], record["target"], index)
+  target, available = any2any.draw(rng, images.shape[-1])
+  inputs = augment.jitter_source(images, record["mask"], rng, jitter, 1) if jitter else images
+  out = dict(record)
+  out["source"] = np.ascontiguousarray(any2any.model_input(inputs, available, target),
+                                       np.float32)
+  out["target"] = np.ascontiguousarray(images[..., target:target + 1], np.float32)
+  return out
 
 
 def _shuffled(source, seed: int) -> grain.MapDataset:
@@ -203,12 +225,14 @@ def _unpair(pair):
 def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
                  process_index: int | None = None, process_count: int | None = None,
                  workers: int = 0, target_source=None,
-                 jitter_group: int | None = None) -> grain.IterDataset:
+                 jitter_group: int | None = None, dropout=None) -> grain.IterDataset:
   """Batches of `batch_size` records (this process's share of the global batch).
 
   With `target_source`, the pipeline is unpaired: targets come from it in an
   independent permutation while sources come from `source`. `jitter_group`: source
-  channels per modality (2.5D neighbours share one intensity jitter).
+  channels per modality (2.5D neighbours share one intensity jitter). `dropout`:
+  any-to-any's per-record draw (`any2any_record` with its index bound), after
+  augmentation, which then leaves intensities to it.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -218,7 +242,11 @@ def make_dataset(source, *, seed: int, batch_size: int, augment: bool = True,
     ds = grain.experimental.ZipMapDataset([ds, targets]).map(_unpair)
   if augment:
     # Seeded by global position: the same on any number of processes.
-    ds = ds.random_map(functools.partial(_augment, jitter_group=jitter_group), seed=seed + 1)
+    ds = ds.random_map(functools.partial(_augment, jitter_group=jitter_group,
+                                         jitter=0.0 if dropout else JITTER), seed=seed + 1)
+  if dropout is not None:
+    ds = ds.random_map(functools.partial(dropout, jitter=JITTER if augment else 0.0),
+                       seed=seed + ANY2ANY_SEED_OFFSET)
   # Global batch g is local batches g·P … g·P+P-1 of the one global stream; process i keeps
   # the i-th, which is the rows `make_array_from_process_local_data` expects of it. The
   # maps above are lazy, so a process never reads or augments the other processes' rows.
@@ -265,7 +293,15 @@ def train_dataset(config) -> grain.IterDataset:
   return make_dataset(source, seed=config.seed, batch_size=global_batch // jax.process_count(),
                       augment=config.data.augment, workers=config.data.workers,
                       target_source=target_source,
-                      jitter_group=2 * recipe(config).context + 1)
+                      jitter_group=2 * recipe(config).context + 1,
+                      dropout=dropout(config))
+
+
+def dropout(config):
+  """Any-to-any's record map (`any2any_record` for this config), or None."""
+  if not any2any.enabled(config):
+    return None
+  return functools.partial(any2any_record, index=any2any.channel_index(config))
 
 
 def volumetric_sources(config):

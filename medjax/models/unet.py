@@ -45,7 +45,7 @@ class UNet(nn.Module):
   decoder_blocks: int | None = None
 
   @nn.compact
-  def __call__(self, x, t, source, *, train: bool):
+  def __call__(self, x, t, source, *, train: bool, cond=None):
     batch = source.shape[0]
     check_input(source, self.dims, 2 ** (len(self.channel_mult) - 1),
                 f"UNet with {len(self.channel_mult)} levels")
@@ -67,6 +67,9 @@ class UNet(nn.Module):
     emb = timestep_embedding(t * self.time_scale, self.channels)
     # float32: B × emb_dim is tiny, and the FiLM scales of every block come from it.
     emb = nn.Dense(emb_dim, dtype=jnp.float32)(nn.silu(nn.Dense(emb_dim, dtype=jnp.float32)(emb)))
+    if cond is not None:  # (B, K): e.g. any-to-any's one-hot target, a learned embedding
+      emb = emb + nn.Dense(emb_dim, use_bias=False, dtype=jnp.float32,
+                           name="cond_embed")(jnp.asarray(cond, jnp.float32))
 
     h = source if x is None else jnp.concatenate([x, source], axis=-1)
     # Named explicitly (the names flax would give), so remat leaves the parameter tree as is.

@@ -116,7 +116,7 @@ class UViT(nn.Module):
                        f"of model.patch_size={'x'.join(map(str, patch))}")
 
   @nn.compact
-  def __call__(self, x, t, source, *, train: bool):
+  def __call__(self, x, t, source, *, train: bool, cond=None):
     self._check(source.shape)
     batch, sides = source.shape[0], source.shape[1:-1]
     patch = self.patch()
@@ -136,6 +136,9 @@ class UViT(nn.Module):
     emb = timestep_embedding(t * self.time_scale, self.width)
     emb = nn.Dense(4 * self.width, dtype=jnp.float32, name="time_embed_0")(emb)
     emb = nn.Dense(self.width, dtype=jnp.float32, name="time_embed_1")(nn.silu(emb))
+    if cond is not None:  # (B, K): e.g. any-to-any's one-hot target, a learned embedding
+      emb = emb + nn.Dense(self.width, use_bias=False, dtype=jnp.float32,
+                           name="cond_embed")(jnp.asarray(cond, jnp.float32))
     h = jnp.concatenate([emb.astype(dtype)[:, None, :], h], axis=1)
 
     # Named explicitly, so remat leaves the parameter tree as is (layers.maybe_remat).

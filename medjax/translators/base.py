@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medjax import models
+from medjax import any2any, models
+from medjax.models.conditioned import ModalityConditioned
 from medjax.translators import registration as registration_lib
 
 
@@ -95,7 +96,11 @@ class Translator:
 
   def build_model(self, config):
     model = config.model.to_dict()
-    return models.build(model.pop("name"), out_channels=1, **model)
+    backbone = models.build(model.pop("name"), out_channels=1, **model)
+    count = len(any2any.modalities(config))
+    # Any-to-any: the direction travels in the input channels (docs/design.md,
+    # "Any-to-any synthesis"); a one-direction run's backbone is used as it is.
+    return ModalityConditioned(backbone, count) if count else backbone
 
   # -- what a method supplies -------------------------------------------------
   def loss(self, params, batch, rng) -> tuple[jax.Array, dict]:

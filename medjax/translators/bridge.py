@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import modalities
+from medjax import any2any, modalities
 from medjax.translators import base
 
 BRIDGES = ("brownian", "i2sb")
@@ -90,6 +90,13 @@ class Bridge(base.Translator):
     return (1.0 - m) * target + m * source + jnp.sqrt(self.variance(m)) * noise
 
   def _start(self, source):
+    count = len(any2any.modalities(self.config))
+    if count:
+      # Any-to-any: the bridge ends on the mean of the available modalities (the source
+      # image of every direction at once; docs/design.md, "Any-to-any synthesis").
+      images, available, _ = any2any.split(source, count)
+      return (images.sum(-1, keepdims=True)
+              / base.per_example(jnp.maximum(available.sum(-1), 1.0), images))
     # The bridge ends on the first modality's centre slice (with 2.5D context each modality
     # brings 2k+1 channels, z-k … z+k); all channels still condition the network.
     per_modality = source.shape[-1] // len(modalities.as_tuple(self.config.data.source))
