@@ -242,14 +242,15 @@ BRATS = {"t1w": "t1n", "t2w": "t2w", "flair": "t2f"}
 
 
 @pytest.mark.slow
-def test_brasyn_fills_each_missing_modality_and_reports_the_odd_subjects(
-    run_dir, phantom_files, tmp_path, capsys):
-  """Fake BraTS 2023 folders: one modality removed (the BraSyn case), two removed, none
-  removed, all removed. Each gap is written under BraTS's own file name, the odd
-  subjects are reported (not crashed), and `score` finds each subject's target."""
+def test_brats_folders_prepare_train_and_fill_in_brasyn_gaps(phantom_files, tmp_path, capsys):
+  """A BraTS 2023 folder → `prepare` (T1n, T2w → FLAIR shards) → an any-to-any run on
+  those shards → `translate --layout brasyn` on copies with one modality removed (the
+  BraSyn case), two removed, none removed, all removed. Each gap is written under BraTS's
+  own file name, the odd subjects are reported (not crashed), and `score` finds each
+  subject's target."""
   complete, brasyn = tmp_path / "complete", tmp_path / "brasyn"
-  drop = {"BraTS-GLI-00001-000": ("flair",), "BraTS-GLI-00002-000": ("t2w", "flair"),
-          "BraTS-GLI-00003-000": (), "BraTS-GLI-00004-000": NAMES}
+  drop = {"BraTS-GLI-00000-000": ("flair",), "BraTS-GLI-00001-000": ("t2w", "flair"),
+          "BraTS-GLI-00002-000": (), "BraTS-GLI-00003-000": NAMES, "BraTS-GLI-00004-000": ()}
   for i, (sid, removed) in enumerate(drop.items()):
     for root, skip in ((complete, ()), (brasyn, removed)):
       (root / sid).mkdir(parents=True)
@@ -257,29 +258,39 @@ def test_brasyn_fills_each_missing_modality_and_reports_the_odd_subjects(
         if modality not in skip:
           shutil.copy(phantom_files / f"phantom_00{i}" / f"{modality}.nii.gz",
                       root / sid / f"{sid}-{tag}.nii.gz")
-    if removed == NAMES:  # the last subject keeps only its segmentation
-      shutil.copy(phantom_files / "phantom_003" / "mask.nii.gz", brasyn / sid / f"{sid}-seg.nii.gz")
+    if removed == NAMES:  # this subject keeps only its segmentation
+      shutil.copy(phantom_files / f"phantom_00{i}" / "mask.nii.gz",
+                  brasyn / sid / f"{sid}-seg.nii.gz")
+  shards, run = tmp_path / "shards", tmp_path / "run"
+  assert medjax("prepare", "--layout", "brats2023", "--input-dir", complete, "--output-dir",
+                shards, "--source", "t1w,t2w", "--target", "flair", "--spacing", "5x5x8",
+                "--size", "32x32", "--fractions", "0.6,0.2,0.2") == 0
+  assert medjax("train", "--config", SPEC, "--workdir", run, "--config.data.kind=shards",
+                f"--config.data.dir={shards}", "--config.train.total_steps=2",
+                "--config.eval.directions=missing_one") == 0
   out = tmp_path / "filled"
-  status = medjax("translate", "--workdir", run_dir, "--input-dir", brasyn, "--layout",
+  capsys.readouterr()
+  status = medjax("translate", "--workdir", run, "--input-dir", brasyn, "--layout",
                   "brasyn", "--output-dir", out)
   err = capsys.readouterr().err
   assert status == 1  # PartialFailure: one subject had nothing to translate from
-  assert "BraTS-GLI-00004-000" in err and "2 modalities missing (t2w, flair)" in err
+  assert "BraTS-GLI-00003-000" in err and "2 modalities missing (t2w, flair)" in err
   written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz"))
-  assert written == ["BraTS-GLI-00001-000/BraTS-GLI-00001-000-t2f.nii.gz",
-                     "BraTS-GLI-00002-000/BraTS-GLI-00002-000-t2f.nii.gz",
-                     "BraTS-GLI-00002-000/BraTS-GLI-00002-000-t2w.nii.gz"]
-  reference = nib.load(brasyn / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1n.nii.gz")
+  assert written == ["BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz",
+                     "BraTS-GLI-00001-000/BraTS-GLI-00001-000-t2f.nii.gz",
+                     "BraTS-GLI-00001-000/BraTS-GLI-00001-000-t2w.nii.gz"]
+  reference = nib.load(brasyn / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t1n.nii.gz")
   filled = nib.load(out / written[0])
   assert filled.shape == reference.shape
   np.testing.assert_allclose(filled.affine, reference.affine)
   assert np.isfinite(filled.get_fdata()).all()
   index = json.loads((out / "translations.json").read_text())
-  assert set(index["subjects"]) == {"BraTS-GLI-00001-000", "BraTS-GLI-00002-000"}
-  assert index["subjects"]["BraTS-GLI-00002-000"]["filled"]["t2w"]["available"] == ["t1w"]
-  assert "nothing to synthesise" in index["notes"]["BraTS-GLI-00003-000"]
-  assert "BraTS-GLI-00004-000" in index["failed"]
+  assert set(index["subjects"]) == {"BraTS-GLI-00000-000", "BraTS-GLI-00001-000"}
+  assert index["subjects"]["BraTS-GLI-00001-000"]["filled"]["t2w"]["available"] == ["t1w"]
+  assert "nothing to synthesise" in index["notes"]["BraTS-GLI-00002-000"]
+  assert "BraTS-GLI-00003-000" in index["failed"]
   medjax("score", "--pred-dir", out, "--target-dir", complete, "--layout", "brats2023",
          "--protocol", "mri")
   rows = (out / "scores.csv").read_text().splitlines()
-  assert len(rows) == 3 and all("BraTS-GLI-0000" in row for row in rows[1:])
+  assert [row.split(",")[0] for row in rows[1:]] == ["BraTS-GLI-00000-000",
+                                                     "BraTS-GLI-00001-000"]

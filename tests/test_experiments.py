@@ -29,7 +29,10 @@ VARIANTS = (
        for m in config_lib.METHODS]
     + ["synthrad2023_cbct_ct.py:method=regression,size=tiny", "phantom_cbct_ct.py",
        "phantom_cbct_ct.py:method=flow", "phantom_cbct_ct.py:registration=deformable,misalign=4",
-       "phantom.py:target=ct,misalign=2,registration=deformable"])
+       "phantom.py:target=ct,misalign=2,registration=deformable"]
+    + ["phantom_any2any.py", "phantom_any2any.py:method=bridge,model=uvit,size=tiny",
+       "phantom.py:source=t1w+t2w+pd,target=flair", "brats_any2any.py",
+       "brats_any2any.py:method=i2sb"])
 
 
 def load(spec: str):

@@ -23,7 +23,9 @@ def add_arguments(parser) -> None:
   common.alias(parser, "--configs", "experiments", nargs="+")
   parser.add_argument("--workdir", required=True, help="root of the runs and the table")
   parser.add_argument("--train-steps", type=common.positive_int, default=300,
-                      help="training steps of every method (default 300)")
+                      help="training steps of every method (default 300); an any-to-any "
+                           "experiment over M modalities gets M times as many, the total "
+                           "of M dedicated runs")
   parser.add_argument("--batch-size", type=common.positive_int,
                       help="training batch of every method (default: each experiment's)")
   parser.add_argument("--samples", type=common.positive_int,
