@@ -38,6 +38,7 @@ CLASSES = max(phantom.TISSUES.values()) + 1
 # docs/design.md, "Segmentation-based evaluation".
 DEFAULTS = {"steps": 400, "batch_size": 8, "learning_rate": 5e-3, "channels": 8,
             "dice_weight": 1.0, "seed": 0}
+MAX_EPOCHS = 20  # default steps: fewer than DEFAULTS["steps"] on a tiny phantom
 SEGMENT_BATCH = 32  # slices per jitted call of `Segmenter.segment`
 
 
@@ -239,15 +240,23 @@ def _resolve(source):
   return config, Path(workdir)
 
 
+def default_steps(config) -> int:
+  """`DEFAULTS["steps"]`, or `MAX_EPOCHS` passes over the training slices if fewer (a tiny
+  phantom learns what it can in those and trains in seconds)."""
+  slices = len(pipeline.phantom_split(config)["train"]) * int(config.data.phantom.shape[2])
+  epochs = -(-MAX_EPOCHS * slices // DEFAULTS["batch_size"])
+  return int(min(DEFAULTS["steps"], epochs))
+
+
 def segmenter_for(source, *, steps: int | None = None, progress=None) -> Segmenter:
   """The run's segmenter: `WORKDIR/segmenter/` when it was made for the same modalities,
   labels and settings, else trained now on the training subjects, measured on the real
   validation subjects and saved there (atomically). `source`: a run directory, a
   `run.Run` or a (config, workdir) pair. `steps`: train this many (a cached segmenter of
-  another length is replaced); None: a cached one of any length, else `DEFAULTS`."""
+  another length is replaced); None: a cached one of any length, else `default_steps`."""
   config, workdir = _resolve(source)
   names = modalities(config)
-  settings = {**DEFAULTS, **({} if steps is None else {"steps": int(steps)})}
+  settings = {**DEFAULTS, "steps": default_steps(config) if steps is None else int(steps)}
   made_for = _made_for(config, names, settings)
   folder = workdir / FOLDER
   net = network(made_for["settings"])
