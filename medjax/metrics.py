@@ -342,13 +342,20 @@ def score(pred, target, mask, protocol, axial_axis: int = 0):
 
 
 def summarise(rows):
-  """Per-metric mean, std (population, ddof=0), median and count over subjects."""
+  """Per-metric mean, std (population, ddof=0), median and count over subjects (NaN
+  skipped)."""
   # Non-numeric columns (subject ids) are not metrics.
   names = sorted({name for row in rows for name, value in row.items()
                   if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)})
   summary = {}
   for name in names:
     values = np.array([row[name] for row in rows if name in row], np.float64)
+    # NaN is "not measurable here" (a Dice whose label is in neither volume): skipped, so
+    # n counts the subjects that had a value; None when none had.
+    values = values[~np.isnan(values)]
+    if not values.size:
+      summary[name] = {"mean": None, "std": None, "median": None, "n": 0}
+      continue
     summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
                      "median": float(np.median(values)), "n": int(values.size)}
   return summary

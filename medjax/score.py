@@ -193,6 +193,39 @@ def score_cases(all_cases, *, protocol: str, modality=None, pred_scale="unit", l
   return rows, failed
 
 
+def add_segmentation(rows, failed, all_cases, *, run_dir, layout, target_dir, modality,
+                     max_voxels=volumes.DEFAULT_MAX_VOXELS, log=None, progress=None):
+  """Task-based scores (`segmentation.score_subject`) joined to each scored subject's row;
+  a subject that cannot be segmented moves from `rows` to `failed`. Returns (rows,
+  {"run", "modalities", "target", "ceiling"}) (docs/design.md, "Segmentation-based
+  evaluation")."""
+  from medjax import segmentation
+  if layout != "phantom":
+    raise UserError("--segmentation needs --layout phantom: labels are only available for "
+                    "phantom runs so far")
+  segmenter = segmentation.segmenter_for(run_dir, progress=progress)
+  subjects = {s.id: s for s in layouts.find_subjects(layout, target_dir)}
+  by_id = {c.id: c for c in all_cases}
+  preds = {c.id: c.pred for c in all_cases if c.pred is not None}
+  # an any-to-any translation names each subject's target in its index
+  index = read_index(next(iter(preds.values())).parent) if preds and not modality else None
+  own = {sid: e.get("target") for sid, e in (index or {"subjects": {}})["subjects"].items()}
+  kept = []
+  for row in rows:
+    sid = row["subject"]
+    try:
+      columns = segmentation.score_subject(segmenter, subjects[sid].files, by_id[sid].pred,
+                                           modality or own.get(sid), max_voxels=max_voxels)
+    except (UserError, ValueError) as error:
+      failed[sid] = f"segmentation: {error}"
+      if log:
+        log(f"medjax score: {sid}: segmentation: {error}")
+      continue
+    kept.append({**row, **columns})
+  return kept, {"run": str(run_dir), "modalities": list(segmenter.modalities),
+                "target": modality, "ceiling": segmentation.val_dice(run_dir)}
+
+
 def summary(rows, failed, protocol: str) -> dict:
   """{"protocol", "subjects", "failed", "metrics": {name: {mean, std, median, n}}}."""
   return {"protocol": protocol, "subjects": len(rows), "failed": failed,
@@ -208,7 +241,8 @@ def write_results(path, rows, result: dict) -> Path:
 
 
 def format_table(rows, result: dict) -> str:
-  names = [k for k in rows[0] if k != "subject"] if rows else []
+  # The Dice columns of --segmentation have a table of their own (segmentation.format_table).
+  names = [k for k in rows[0] if k != "subject" and not k.startswith("dice_")] if rows else []
   width = max([len("subject"), len("median")] + [len(r["subject"]) for r in rows])
   lines = [f"{'subject':{width}s}" + "".join(f"{n:>20s}" for n in names)]
   lines += [f"{r['subject']:{width}s}" + "".join(f"{r[n]:20.4f}" for n in names) for r in rows]

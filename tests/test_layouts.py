@@ -92,12 +92,15 @@ def test_bids_sessions_share_a_patient(tmp_path):
 
 def test_phantom(tmp_path):
   for s in range(2):
-    for m in ("t1w", "t2w", "pd", "flair", "ct", "cbct", "mask", "ct_aligned", "cbct_aligned"):
+    for m in ("t1w", "t2w", "pd", "flair", "ct", "cbct", "mask", "ct_aligned", "cbct_aligned",
+              "labels"):
       touch(tmp_path / f"phantom_{s:03d}" / f"{m}.nii.gz")
   subjects = layouts.find_subjects("phantom", tmp_path)
   assert ids(subjects) == ["phantom_000", "phantom_001"]
-  # The *_aligned truth of `medjax phantom --misalign` is no modality: ignored.
-  assert set(subjects[1].files) == {"t1w", "t2w", "pd", "flair", "ct", "cbct", "mask"}
+  # The *_aligned truth of `medjax phantom --misalign` is no modality: ignored. The tissue
+  # labels are the subject's `seg` (what `medjax score --segmentation` reads).
+  assert set(subjects[1].files) == {"t1w", "t2w", "pd", "flair", "ct", "cbct", "mask", "seg"}
+  assert subjects[1].files["seg"].name == "labels.nii.gz"
   assert subjects[1].files["ct"].name == "ct.nii.gz" and not subjects[1].issues
 
 

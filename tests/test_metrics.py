@@ -313,6 +313,16 @@ def test_summarise_matches_numpy():
   assert summary["mae"]["median"] == pytest.approx(75.0)
 
 
+def test_summarise_skips_nan():
+  # NaN: not measurable for that subject (a Dice whose label is in neither volume).
+  rows = [{"dice": 0.5, "none": float("nan")}, {"dice": float("nan"), "none": float("nan")},
+          {"dice": 0.9, "none": float("nan")}]
+  summary = metrics.summarise(rows)
+  assert summary["dice"] == {"mean": pytest.approx(0.7), "std": pytest.approx(0.2),
+                             "median": pytest.approx(0.7), "n": 2}
+  assert summary["none"] == {"mean": None, "std": None, "median": None, "n": 0}
+
+
 def test_subjects_of_many_depths_share_compiled_scoring():
   """Evaluation scores whole volumes whose depth is each subject's own; padded to a
   multiple of metrics.BUCKET they share a compiled program (and score as unpadded)."""

@@ -185,9 +185,10 @@ def test_write_subjects(tmp_path):
   assert split == {"train": ["phantom_000"], "val": ["phantom_001"], "test": ["phantom_002"]}
   expected = phantom.generate(2, 1, shape, spacing)
   expected["cbct_mask"] = expected["cbct_mask"].astype(np.float32)
-  for name in (*phantom.MODALITIES, "mask", "cbct_mask"):
+  for name in (*phantom.MODALITIES, "mask", "cbct_mask", "labels"):
     image = nib.load(folders[1] / f"{name}.nii.gz")
-    assert image.shape == shape and image.get_data_dtype() == np.float32
+    dtype = np.uint8 if name == "labels" else np.float32  # labels: the tissue of each voxel
+    assert image.shape == shape and image.get_data_dtype() == dtype
     np.testing.assert_array_equal(image.affine, expected["affine"])
     assert image.header.get_zooms() == spacing
     assert int(image.header["qform_code"]) == 1 and int(image.header["sform_code"]) == 1
@@ -195,4 +196,4 @@ def test_write_subjects(tmp_path):
     np.testing.assert_array_equal(np.asarray(image.dataobj), expected[name])
   leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.startswith(".")]
   assert not leftovers and sorted(p.name for p in folders[0].iterdir()) == sorted(
-      f"{m}.nii.gz" for m in (*phantom.MODALITIES, "mask", "cbct_mask"))
+      f"{m}.nii.gz" for m in (*phantom.MODALITIES, "mask", "cbct_mask", "labels"))

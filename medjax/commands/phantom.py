@@ -13,7 +13,7 @@ HELP = "write phantom subjects as NIfTI files"
 def add_arguments(parser) -> None:
   parser.description = (
       "Write phantom subjects as DIR/phantom_XXX/{t1w,t2w,pd,flair,ct,cbct,mask}.nii.gz\n"
-      "(float32, RAS affine) and DIR/split.json. Subject i of seed s is the same head on\n"
+      "(float32, RAS affine), labels.nii.gz (uint8 tissue labels) and DIR/split.json. Subject i of seed s is the same head on\n"
       "any grid: `--shape 48x48x32` gives what the default experiment trains on.\n"
       "--misalign 2 writes ct and cbct misaligned by ~2 mm (another session than the MR)\n"
       "and the truth as ct_aligned, cbct_aligned.")

@@ -40,6 +40,10 @@ def add_arguments(parser) -> None:
   common.alias(parser, "--out", "output")
   parser.add_argument("--report-dir", help="also write a PNG per subject and report.md here")
   common.alias(parser, "--report", "report_dir")
+  parser.add_argument("--segmentation", metavar="RUN",
+                      help="also segment each subject (phantom layout) with RUN's segmenter "
+                           "(trained once, cached in RUN/segmenter/): per-label Dice with the "
+                           "real images, the prediction substituted, and the target blank")
   common.add_max_voxels(parser)
 
 
@@ -63,6 +67,9 @@ def _modality(args) -> str | None:
 def run(args) -> int:
   from medjax import figures, score
   modality = _modality(args)
+  if args.segmentation and args.layout != "phantom":
+    raise UserError("--segmentation needs --layout phantom: labels are only available for "
+                    "phantom runs so far")
   index = score.read_index(args.pred_dir) or {"subjects": {}}
   per_subject = all(isinstance(e, dict) and e.get("target") for e in index["subjects"].values())
   if args.layout and not modality and not (index["subjects"] and per_subject):
@@ -77,10 +84,24 @@ def run(args) -> int:
   if not rows:
     raise UserError(f"no subject could be scored ({len(failed)} failed; first:"
                     f" {next(iter(failed.values()))})")
+  task = None
+  if args.segmentation:
+    rows, task = score.add_segmentation(
+        rows, failed, cases, run_dir=args.segmentation, layout=args.layout,
+        target_dir=args.target_dir, modality=modality, max_voxels=args.max_voxels,
+        log=lambda line: print(line, file=sys.stderr),
+        progress=lambda line: print(line, file=sys.stderr))
+    if not rows:
+      raise UserError(f"no subject could be segmented (first: {next(iter(failed.values()))})")
   result = score.summary(rows, failed, args.protocol)
+  if task:
+    result["segmentation"] = task
   out = Path(args.output or Path(args.pred_dir) / "scores.csv")
   summary_path = score.write_results(out, rows, result)
   print(score.format_table(rows, result))
+  if task:
+    from medjax import segmentation
+    print(segmentation.format_table(result["metrics"], task["ceiling"]))
   print(f"{len(rows)} subject(s) scored ({args.protocol}) → {out}, {summary_path}"
         + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
   if args.report_dir:

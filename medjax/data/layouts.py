@@ -222,7 +222,8 @@ def _bids(root: Path, notes) -> list[Subject]:
 def _phantom(root: Path, notes) -> list[Subject]:
   # `medjax phantom --misalign` also writes ct_aligned / cbct_aligned (the truth behind a
   # misaligned pair): not modalities, so not listed here, and ignored like any other file.
-  names = {m: m for m in ("t1w", "t2w", "pd", "flair", "ct", "cbct", "mask")}
+  # labels.nii.gz (the tissue labels) is the `seg` that segmentation-based scoring reads.
+  names = {m: m for m in ("t1w", "t2w", "pd", "flair", "ct", "cbct", "mask")} | {"labels": "seg"}
   return [Subject(folder.name, files, None)
           for folder, files in _folders_of_modality_files(root, names, notes).items()]
 

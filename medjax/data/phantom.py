@@ -772,10 +772,10 @@ def fov_spacing(shape, fov_mm=DEFAULT_FOV_MM) -> tuple[float, float, float]:
   return tuple(float(f) / int(n) for f, n in zip(fov_mm, shape))
 
 
-def _nifti(volume: np.ndarray, affine: np.ndarray):
+def _nifti(volume: np.ndarray, affine: np.ndarray, dtype=np.float32):
   import nibabel as nib
-  image = nib.Nifti1Image(volume.astype(np.float32), affine)
-  image.header.set_data_dtype(np.float32)
+  image = nib.Nifti1Image(volume.astype(dtype), affine)
+  image.header.set_data_dtype(dtype)
   image.header.set_xyzt_units("mm", "sec")
   image.set_qform(affine, code=1)
   image.set_sform(affine, code=1)
@@ -787,8 +787,9 @@ SECOND_SESSION = ("ct", "cbct")  # scanned apart from the one MR session: misali
 
 def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING,
                    seed: int = 0, progress: bool = True, misalign_mm: float = 0.0) -> list[Path]:
-  """Write subjects 0..N-1 as out_dir/phantom_XXX/{modality}.nii.gz and mask.nii.gz, and
-  out_dir/split.json naming the folders of each split. Returns the subject folders.
+  """Write subjects 0..N-1 as out_dir/phantom_XXX/{modality}.nii.gz, mask.nii.gz and
+  labels.nii.gz (uint8 `TISSUES`: the phantom layout's `seg`), and out_dir/split.json
+  naming the folders of each split. Returns the subject folders.
 
   misalign_mm > 0: CT and CBCT come from other sessions than the MR sequences (which
   stay aligned to each other and to the mask): ct and cbct are written through `misalign`,
@@ -809,9 +810,10 @@ def write_subjects(out_dir, num_subjects: int, shape=DEFAULT_SHAPE, spacing=DEFA
     for name in SECOND_SESSION if misalign_mm > 0 else ():
       volumes[f"{name}_aligned"] = volumes[name]
       volumes[name] = misalign(volumes[name], spacing, seed, subject, misalign_mm)
-    for name in (*MODALITIES, "mask", "cbct_mask", *aligned):
+    for name in (*MODALITIES, "mask", "cbct_mask", *aligned, "labels"):
+      dtype = np.uint8 if name == "labels" else np.float32
       with files.atomic_write(folder / f"{name}.nii.gz") as tmp:
-        nib.save(_nifti(volumes[name], volumes["affine"]), tmp)
+        nib.save(_nifti(volumes[name], volumes["affine"], dtype), tmp)
     folders.append(folder)
   text = json.dumps({k: [names[i] for i in v] for k, v in split.items()}, indent=1)
   files.write_text(out_dir / "split.json", text + "\n")

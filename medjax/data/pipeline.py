@@ -32,8 +32,9 @@ ANY2ANY_SEED_OFFSET = 3  # any-to-any's modality dropout draws: seed + 3
 JITTER = 0.1  # augment.augment_record's default source intensity jitter
 
 
-def phantom_volume(config, subject: int) -> Volume:
-  """Render and normalise one phantom subject (axial slices first)."""
+def _render(config, subject: int):
+  """One phantom subject's volumes, its scoring mask and the [-1, 1] mapping of a modality
+  (fitted in that mask; (X, Y, Z) → (Z, X, Y): one axial slice per leading index)."""
   p = config.data.phantom
   vols = phantom.generate(p.seed, subject, shape=tuple(p.shape), spacing=tuple(p.spacing))
   # A CBCT source sees only its field of view: the mask (scoring, the baseline) is the head
@@ -43,10 +44,16 @@ def phantom_volume(config, subject: int) -> Volume:
 
   def unit(modality):
     params = intensity.fit(vols[modality], modality, mask)
-    # (X, Y, Z) → (Z, X, Y): one axial slice per leading index.
     return np.moveaxis(intensity.normalise(vols[modality], params), -1, 0), params
 
-  sources = [unit(m)[0] for m in sources]
+  return vols, mask, unit
+
+
+def phantom_volume(config, subject: int) -> Volume:
+  """Render and normalise one phantom subject (axial slices first)."""
+  p = config.data.phantom
+  vols, mask, unit = _render(config, subject)
+  sources = [unit(m)[0] for m in modalities.as_tuple(config.data.source)]
   aligned = None
   misalign = float(p.get("misalign", 0.0))
   if misalign > 0:  # an imperfect pair: the target from another session (docs/design.md)
@@ -62,6 +69,16 @@ def phantom_volume(config, subject: int) -> Volume:
       target=target[..., None],
       mask=np.moveaxis(mask, -1, 0)[..., None].astype(np.float32),
       target_params=target_params, target_aligned=aligned)
+
+
+def phantom_images(config, subject: int, modalities):
+  """One phantom subject's `modalities`, normalised as `phantom_volume` normalises them
+  (the real, aligned images: no misalignment), with its tissue labels (`phantom.TISSUES`)
+  and mask: ((Z, H, W, M) float32 in [-1, 1], (Z, H, W) uint8, (Z, H, W, 1) float32)."""
+  vols, mask, unit = _render(config, subject)
+  images = np.stack([unit(m)[0] for m in modalities], -1)
+  return (images, np.moveaxis(vols["labels"], -1, 0),
+          np.moveaxis(mask, -1, 0)[..., None].astype(np.float32))
 
 
 class PhantomSlices(grain.sources.RandomAccessDataSource):
