@@ -194,7 +194,8 @@ def score_cases(all_cases, *, protocol: str, modality=None, pred_scale="unit", l
 
 
 def add_segmentation(rows, failed, all_cases, *, run_dir, layout, target_dir, modality,
-                     max_voxels=volumes.DEFAULT_MAX_VOXELS, log=None, progress=None):
+                     pred_dir=None, max_voxels=volumes.DEFAULT_MAX_VOXELS, log=None,
+                     progress=None):
   """Task-based scores (`segmentation.score_subject`) joined to each scored subject's row;
   a subject that cannot be segmented moves from `rows` to `failed`. Returns (rows,
   {"run", "modalities", "target", "ceiling"}) (docs/design.md, "Segmentation-based
@@ -206,9 +207,8 @@ def add_segmentation(rows, failed, all_cases, *, run_dir, layout, target_dir, mo
   segmenter = segmentation.segmenter_for(run_dir, progress=progress)
   subjects = {s.id: s for s in layouts.find_subjects(layout, target_dir)}
   by_id = {c.id: c for c in all_cases}
-  preds = {c.id: c.pred for c in all_cases if c.pred is not None}
   # an any-to-any translation names each subject's target in its index
-  index = read_index(next(iter(preds.values())).parent) if preds and not modality else None
+  index = read_index(pred_dir) if pred_dir is not None and not modality else None
   own = {sid: e.get("target") for sid, e in (index or {"subjects": {}})["subjects"].items()}
   kept = []
   for row in rows:

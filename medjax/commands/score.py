@@ -88,7 +88,8 @@ def run(args) -> int:
   if args.segmentation:
     rows, task = score.add_segmentation(
         rows, failed, cases, run_dir=args.segmentation, layout=args.layout,
-        target_dir=args.target_dir, modality=modality, max_voxels=args.max_voxels,
+        target_dir=args.target_dir, modality=modality, pred_dir=args.pred_dir,
+        max_voxels=args.max_voxels,
         log=lambda line: print(line, file=sys.stderr),
         progress=lambda line: print(line, file=sys.stderr))
     if not rows:
