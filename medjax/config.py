@@ -83,6 +83,10 @@ HELP = {
                        "then data.target, the prepared channels)",
     "eval.directions": "any-to-any evaluation: 'standard' (each modality missing given the "
                        "others, and every one-input direction) | 'missing_one'",
+    "eval.segmentation": "also score each evaluated direction by the Dice of a segmentation "
+                         "U-Net (trained once on the real training images, cached in "
+                         "WORKDIR/segmenter/) with the real, the synthesised and a blank "
+                         "target modality (phantom runs)",
     "eval.every": "steps between held-out evaluations (and the last step)",
     "eval.batch_size": "slices per evaluation / translation batch",
     "eval.image_slices": "axial slices in each evaluation picture",
@@ -137,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.eval = ml_collections.ConfigDict({"every": 500, "batch_size": 32, "image_slices": 4,
                                            "overlap": 0.5, "tta": "none",
-                                           "directions": "standard"})
+                                           "directions": "standard", "segmentation": False})
   config.checkpoint = ml_collections.ConfigDict({"every": 250, "max_to_keep": 2})
   config.logging = ml_collections.ConfigDict({"progress": True})
   return config
@@ -460,6 +464,9 @@ def validate(config, num_devices: int = 1) -> None:
   if not (isinstance(foreground, (int, float)) and 0.0 <= foreground <= 1.0):
     raise ConfigError(f"data.foreground={foreground!r}: expected a share in [0, 1]")
   _validate_any2any(config)
+  if config.eval.get("segmentation", False) and data.kind != "phantom":
+    raise ConfigError("eval.segmentation needs the phantom's tissue labels (data.kind="
+                      "'phantom'): labels of prepared datasets are not carried yet")
   if data.kind == "phantom" and data.phantom.subjects < 3:
     raise ConfigError(f"data.phantom.subjects={data.phantom.subjects}: the train, val and test "
                       "splits need at least 3 subjects")

@@ -149,13 +149,16 @@ def direction_volumes(run, volumes, available, target: str):
 def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = None,
              rng=None, batch_size: int | None = None, progress=None,
              overlap: float | None = None, tta: str | None = None,
-             directions: str | None = None):
+             directions: str | None = None, segmentation: bool | None = None):
   """Scores of the run's model and baseline per subject, their summary, the predictions.
 
   Any-to-any runs are scored per direction (`any2any.directions`, `eval.directions`):
   rows carry a `direction` column, the summary a `directions` block (each direction's
   model and baseline), its `model`/`baseline` the mean over every (subject, direction),
-  and the predictions are the first direction's."""
+  and the predictions are the first direction's. `segmentation` (default
+  `eval.segmentation`): each row also gets the Dice of the run's segmenter with the real,
+  the synthesised and a blank target modality (`task_columns`; docs/design.md,
+  "Segmentation-based evaluation")."""
   config = run.config
   steps = steps or config.translator.sample_steps
   samples = samples or config.translator.samples
@@ -163,11 +166,22 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
   overlap, tta = inference_settings(config, overlap, tta)
   settings = dict(steps=steps, samples=samples, batch_size=batch_size, overlap=overlap,
                   tta=tta)
+  if segmentation is None:
+    segmentation = config.eval.get("segmentation", False)
+  segmenter = None
+  if segmentation:
+    from medjax import segmentation as segmentation_lib
+    segmenter = segmentation_lib.segmenter_for(run)
   summary = {"protocol": run.protocol, "steps": steps, "samples": samples,
              "nfe_per_sample": run.translator.nfe(steps), "tta": tta, "overlap": overlap}
+  if segmenter is not None:
+    summary["segmenter"] = {"modalities": list(segmenter.modalities),
+                            "ceiling": segmentation_lib.val_dice(run.workdir)}
   names = any2any.modalities(config)
   if not names:
     rows, predictions = _score(run, volumes, run.target, rng, progress=progress, **settings)
+    if segmenter is not None:
+      rows = task_columns(segmenter, run, volumes, run.target, predictions, rows)
     return {**summary, "subjects": len(rows), **summarise(rows)}, rows, predictions
   which = directions or config.eval.get("directions", "standard")
   rows, per, first = [], {}, None
@@ -179,6 +193,9 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
         jax.random.fold_in(rng, d), **settings,
         progress=None if progress is None else
         (lambda i, n, d=d: progress(d * n + i, len(todo) * n)))
+    if segmenter is not None:
+      direction_rows = task_columns(segmenter, run, volumes, target, predictions,
+                                    direction_rows)
     per[name] = {"available": list(available), "target": target,
                  **summarise(direction_rows)}
     rows += [{"subject": row["subject"], "direction": name,
@@ -186,6 +203,24 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
     first = first or predictions
   return ({**summary, "subjects": len(volumes), "directions_evaluated": which,
            **summarise(rows), "directions": per}, rows, first)
+
+
+def task_columns(segmenter, run, volumes, target: str, predictions, rows) -> list[dict]:
+  """`rows` with each subject's segmentation Dice (real / synthesised / blank `target`)
+  in `segmentation.columns`' names: phantom subjects only (their rendered labels)."""
+  from medjax import segmentation
+  from medjax.data import pipeline
+  if target not in segmenter.modalities:
+    raise ValueError(f"the segmenter reads {', '.join(segmenter.modalities)}, not {target}")
+  out = []
+  for volume, prediction, row in zip(volumes, predictions, rows):
+    images, labels, mask = pipeline.phantom_images(run.config, pipeline.phantom_number(
+        volume.subject), segmenter.modalities)
+    scores = segmentation.task_scores(segmenter, images, labels,
+                                      segmenter.modalities.index(target),
+                                      prediction.mean[..., 0], mask[..., 0] > 0)
+    out.append({**row, **segmentation.columns(scores)})
+  return out
 
 
 def _score(run, volumes, target_modality: str, rng, *, steps, samples, batch_size, overlap,
@@ -222,10 +257,14 @@ def _score(run, volumes, target_modality: str, rng, *, steps, samples, batch_siz
 
 
 def summarise(rows: list[dict]) -> dict:
-  """{"model": {"mae": mean, "mae_std": …, "mae_median": …}, "baseline": {…}}."""
+  """{"model": {"mae": mean, "mae_std": …, "mae_median": …}, "baseline": {…}}, and with
+  segmentation columns {"segmentation": {"dice_real_mean": {mean, std, median, n}, …}}."""
   out = {"model": {}, "baseline": {}}
   for column, stats in metrics.summarise(rows).items():
     name, key = column.split("_", 1)
+    if name not in ("model", "baseline"):  # dice_*: the segmenter's, a block of its own
+      out.setdefault("segmentation", {})[column] = stats
+      continue
     out[name].update({key: stats["mean"], f"{key}_std": stats["std"],
                       f"{key}_median": stats["median"]})
   return out
@@ -238,12 +277,14 @@ def write_results(directory, summary: dict, rows: list[dict], prefix: str = "") 
 
 
 def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None,
-                 overlap: float | None = None, tta: str | None = None) -> dict:
+                 overlap: float | None = None, tta: str | None = None,
+                 segmentation: bool | None = None) -> dict:
   """Score the run's parameters on `split` and write what a person reads: the summary and
   per-subject CSV under eval/<step>/, a picture in images/, a report with 3-plane views.
   `overlap`, `tta`: the run's `eval.overlap`, `eval.tta` unless given."""
   volumes = run.eval_volumes(split)
-  summary, rows, predictions = evaluate(run, volumes, overlap=overlap, tta=tta)
+  summary, rows, predictions = evaluate(run, volumes, overlap=overlap, tta=tta,
+                                        segmentation=segmentation)
   summary = {"split": split, "step": int(run.step), "translator": run.translator.name,
              **summary}
   prefix = ("" if split == "val" else f"{split}_") if prefix is None else prefix
@@ -284,12 +325,22 @@ def format_summary(summary: dict) -> str:
     cells = "".join(f"{summary[name][k]:10.4f} ±{summary[name][k + '_std']:<5.3f}"[:16]
                     .rjust(width) for k in keys)
     lines.append(f"  {name:10s}{cells}")
+  if summary.get("segmentation"):
+    from medjax import segmentation
+    ceiling = (summary.get("segmenter") or {}).get("ceiling")
+    lines.append("  segmentation Dice (real | with the synthesised | with it blank):")
+    lines += ["  " + line for line in segmentation.format_table(summary["segmentation"],
+                                                                ceiling).splitlines()]
   directions = summary.get("directions") or {}
   if directions:
     width = max(len(name) for name in directions) + 2
-    lines.append(f"  per direction (model | baseline): {'':{max(0, width - 34)}s}"
-                 "     psnr      ssim |     psnr      ssim")
+    dice = all("segmentation" in block for block in directions.values())
+    lines.append(f"  {'per direction':{width}s}" + "".join(
+        f"{h:>11s}" for h in ("psnr", "ssim", "base psnr", "base ssim")
+        + (("Dice synth",) if dice else ())))
     for name, block in directions.items():
-      lines.append(f"  {name:{width}s}" + "".join(
-          f"{block[part][k]:9.3f} " for part in ("model", "baseline") for k in ("psnr", "ssim")))
+      cells = [block[part][k] for part in ("model", "baseline") for k in ("psnr", "ssim")]
+      if dice:
+        cells.append(block["segmentation"]["dice_synth_mean"]["mean"])
+      lines.append(f"  {name:{width}s}" + "".join(f"{v:11.3f}" for v in cells))
   return "\n".join(lines)

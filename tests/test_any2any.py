@@ -294,3 +294,25 @@ def test_brats_folders_prepare_train_and_fill_in_brasyn_gaps(phantom_files, tmp_
   rows = (out / "scores.csv").read_text().splitlines()
   assert [row.split(",")[0] for row in rows[1:]] == ["BraTS-GLI-00000-000",
                                                      "BraTS-GLI-00001-000"]
+
+
+def test_evaluation_scores_each_direction_by_segmentation(run_dir):
+  """`eval.segmentation`: per direction and subject, the segmenter's Dice with the real
+  images (computed here independently), the synthesised target and a blank one."""
+  from medjax import evaluate, segmentation
+  from medjax.run import Run
+  run = Run.load(run_dir)
+  segmenter = segmentation.segmenter_for(run, steps=10)  # cached: evaluation reuses it
+  volumes = run.eval_volumes("test")
+  summary, rows, _ = evaluate.evaluate(run, volumes, directions="missing_one",
+                                       segmentation=True)
+  assert summary["segmenter"]["modalities"] == list(NAMES)
+  assert set(summary["directions"]) == {any2any.direction_name(a, t) for a, t in
+                                        any2any.directions(NAMES, "missing_one")}
+  images, labels, mask = pipeline.phantom_images(run.config, 4, NAMES)
+  real = segmentation.dice(segmenter.segment(images), labels, segmenter.labels, mask[..., 0] > 0)
+  for row in rows:
+    assert row["dice_real_mean"] == pytest.approx(segmentation.mean(real), abs=1e-9)
+    assert row["dice_drop_mean"] == pytest.approx(row["dice_real_mean"] - row["dice_synth_mean"])
+  for block in summary["directions"].values():
+    assert block["segmentation"]["dice_blank_mean"]["n"] == 1

@@ -19,6 +19,10 @@ def add_arguments(parser) -> None:
   parser.add_argument("--checkpoint", type=int, metavar="STEP",
                       help="checkpoint step (default: the latest)")
   common.add_window_options(parser, "; recorded in the summary")
+  parser.add_argument("--segmentation", action="store_true", default=None,
+                      help="also score by segmentation: the Dice of a U-Net trained once on "
+                           "the real training images (cached in WORKDIR/segmenter/) with the "
+                           "real, the synthesised and a blank target (phantom runs)")
 
 
 def run(args) -> int:
@@ -31,6 +35,7 @@ def run(args) -> int:
   if args.overlap is not None:
     prefix += f"overlap-{args.overlap:g}_"
   summary = evaluate.evaluate_run(Run.load(args.workdir, step=args.checkpoint), args.split,
-                                  prefix=prefix, overlap=args.overlap, tta=args.tta)
+                                  prefix=prefix, overlap=args.overlap, tta=args.tta,
+                                  segmentation=args.segmentation)
   print(evaluate.format_summary(summary))
   return 0

@@ -71,6 +71,15 @@ def phantom_volume(config, subject: int) -> Volume:
       target_params=target_params, target_aligned=aligned)
 
 
+def phantom_number(subject_id: str) -> int:
+  """`phantom_volume`'s subject id (phantom_003) → the subject number (3)."""
+  prefix = "phantom_"
+  if not (subject_id.startswith(prefix) and subject_id[len(prefix):].isdigit()):
+    raise ValueError(f"{subject_id!r} is not a phantom subject (segmentation labels are "
+                     "only available for phantom runs so far)")
+  return int(subject_id[len(prefix):])
+
+
 def phantom_images(config, subject: int, modalities):
   """One phantom subject's `modalities`, normalised as `phantom_volume` normalises them
   (the real, aligned images: no misalignment), with its tissue labels (`phantom.TISSUES`)
