@@ -131,7 +131,12 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
 
   # Sampling time per slice, compiled and warm: one evaluation batch, timed on its second run.
   fn, rng = run.translate_fn(), evaluate.evaluation_rng(config)
-  chunk = volumes[0].source[:config.eval.batch_size]
+  first = volumes[0]
+  names = any2any.modalities(config)
+  if names:  # any-to-any: time the first evaluated direction
+    available, target = any2any.directions(names, config.eval.get("directions", "standard"))[0]
+    first = evaluate.direction_volumes(run, volumes[:1], available, target)[0]
+  chunk = first.source[:config.eval.batch_size]
   for _ in range(2):
     start = time.perf_counter()
     evaluate.translate_volume(fn, run.params, chunk, rng, run.mesh, config.eval.batch_size)

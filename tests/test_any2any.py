@@ -316,3 +316,22 @@ def test_evaluation_scores_each_direction_by_segmentation(run_dir):
     assert row["dice_drop_mean"] == pytest.approx(row["dice_real_mean"] - row["dice_synth_mean"])
   for block in summary["directions"].values():
     assert block["segmentation"]["dice_blank_mean"]["n"] == 1
+
+
+def test_compare_scores_an_any2any_run_per_direction(run_dir, tmp_path, monkeypatch):
+  """`compare.run_one` on an any-to-any experiment (its training replaced by the trained
+  tiny run): M × the steps asked, one table row per direction beside the baseline."""
+  budget = compare.Budget(train_steps=2, sweep_steps=(1,))
+  trained = []
+
+  def train(config, workdir, mesh=None):
+    trained.append(config.train.total_steps)
+    shutil.copytree(run_dir, workdir, dirs_exist_ok=True)
+  monkeypatch.setattr(compare.train, "train_and_evaluate", train)
+  result = compare.run_one(SPEC, str(tmp_path), budget)
+  assert trained == [2 * len(NAMES)] and result["train_steps"] == 6 and not result["sweep"]
+  rows = compare.write_table(str(tmp_path), compare.by_direction([result]))
+  tasks = {row["task"] for row in rows}
+  assert tasks == set(result["directions"]) and len(tasks) == 9
+  assert len(rows) == 2 * 9  # each direction: the baseline and the model
+  assert "t1w+t2w>flair" in (tmp_path / "compare.md").read_text()
