@@ -278,13 +278,13 @@ def write_results(directory, summary: dict, rows: list[dict], prefix: str = "") 
 
 def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None,
                  overlap: float | None = None, tta: str | None = None,
-                 segmentation: bool | None = None) -> dict:
+                 segmentation: bool | None = None, directions: str | None = None) -> dict:
   """Score the run's parameters on `split` and write what a person reads: the summary and
   per-subject CSV under eval/<step>/, a picture in images/, a report with 3-plane views.
   `overlap`, `tta`: the run's `eval.overlap`, `eval.tta` unless given."""
   volumes = run.eval_volumes(split)
   summary, rows, predictions = evaluate(run, volumes, overlap=overlap, tta=tta,
-                                        segmentation=segmentation)
+                                        segmentation=segmentation, directions=directions)
   summary = {"split": split, "step": int(run.step), "translator": run.translator.name,
              **summary}
   prefix = ("" if split == "val" else f"{split}_") if prefix is None else prefix

@@ -19,6 +19,9 @@ def add_arguments(parser) -> None:
   parser.add_argument("--checkpoint", type=int, metavar="STEP",
                       help="checkpoint step (default: the latest)")
   common.add_window_options(parser, "; recorded in the summary")
+  parser.add_argument("--directions", choices=("standard", "missing_one"),
+                      help="an any-to-any run's directions (default: its eval.directions); "
+                           "the summary is written as <split>_directions-<choice>_…")
   parser.add_argument("--segmentation", action="store_true", default=None,
                       help="also score by segmentation: the Dice of a U-Net trained once on "
                            "the real training images (cached in WORKDIR/segmenter/) with the "
@@ -34,8 +37,10 @@ def run(args) -> int:
     prefix += f"tta-{args.tta}_"
   if args.overlap is not None:
     prefix += f"overlap-{args.overlap:g}_"
+  if args.directions is not None:
+    prefix += f"directions-{args.directions}_"
   summary = evaluate.evaluate_run(Run.load(args.workdir, step=args.checkpoint), args.split,
                                   prefix=prefix, overlap=args.overlap, tta=args.tta,
-                                  segmentation=args.segmentation)
+                                  segmentation=args.segmentation, directions=args.directions)
   print(evaluate.format_summary(summary))
   return 0
