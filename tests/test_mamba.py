@@ -130,7 +130,7 @@ def best_time(f, *args, repeats=3):
   return min(times)
 
 
-@pytest.mark.parametrize("chunk", [None, 16])
+@pytest.mark.parametrize("chunk", [0, 16])
 def test_scan_cost_grows_linearly_with_the_sequence(chunk):
   # Linear work predicts a ratio of 4 for 4× the steps, quadratic 16 (attention's). The
   # bound 8 is their geometric mean: a 2× margin for timer noise on shared cores and for
@@ -193,8 +193,10 @@ def test_clear_errors():
     init(MambaUNet(**TINY, dims=3))
   with pytest.raises(ValueError, match="ssm_levels: level 2 outside 0..1"):
     init(MambaUNet(**TINY, ssm_levels=(2,)))
-  with pytest.raises(ValueError, match="model.d_state=0"):
+  with pytest.raises(ValueError, match="model.d_state=0: expected an int ≥ 1"):
     init(MambaUNet(**{**TINY, "d_state": 0}))
+  with pytest.raises(ValueError, match="model.scan_chunk=-1: expected an int ≥ 0"):
+    init(MambaUNet(**TINY, scan_chunk=-1))
   with pytest.raises(ValueError, match=r"cond must be \(B, K\)"):
     jax.eval_shape(lambda: MambaUNet(**TINY).init(key(), None, t, source, train=False,
                                                   cond=jnp.ones((3, 2))))

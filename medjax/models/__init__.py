@@ -23,8 +23,8 @@ DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
                     "softmax, output and loss stay float32 (float16: no loss scaling)")
 DIMS = (2, "spatial axes of the inputs: 2 (B, H, W, C) slices | 3 (B, D, H, W, C) volumes, "
            "3^dims kernels")
-REMAT = (False, "recompute each residual/attention/state-space block's activations in the backward pass "
-                "(less memory; ~17 % more FLOPs per step)")
+REMAT = (False, "recompute each residual/attention/state-space block's activations in the "
+                "backward pass (less memory; ~17 % more FLOPs per step)")
 
 OPTIONS = {
     "unet": {
@@ -82,7 +82,7 @@ OPTIONS = {
         "d_conv": (4, "width of the causal depthwise convolution along each scan"),
         "scan_chunk": (16, "steps per chunk of the selective scan (an associative scan in "
                            "each, the state carried between them; only one chunk's states "
-                           "in memory) | None: one associative scan over the whole sequence"),
+                           "in memory) | 0: one associative scan over the whole sequence"),
         "dropout": (0.0, "dropout inside residual blocks while training"),
         "dtype": DTYPE,
         "remat": REMAT,
@@ -109,4 +109,5 @@ def build(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN", "ResNetGenerator", "UNet", "UViT", "build"]
+__all__ = ["DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN", "ResNetGenerator", "UNet",
+           "UViT", "build"]

@@ -38,16 +38,16 @@ def selective_scan(u, delta, A, B, C, D, chunk: int | None = None):
   D: (Din,). Returns y: (..., L, Din), y_t = C_t · h_t + D u_t with
   h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, h_0 = 0 (zero-order-hold A, Euler B, as Mamba).
 
-  `chunk` None: one associative scan over all L steps, every (L, Din, N) state in memory
-  at once. An int: the sequence in chunks of that many steps, an associative scan inside
-  each and the state carried from chunk to chunk (`lax.scan`), each chunk recomputed in
-  the backward pass: only (L, Din)-sized arrays and one chunk's states are ever stored,
-  which on a CPU is several times faster (docs/design.md, Mamba). Same result either way.
+  `chunk` None or 0: one associative scan over all L steps, every (L, Din, N) state in
+  memory at once. An int: the sequence in chunks of that many steps, an associative scan
+  inside each and the state carried from chunk to chunk (`lax.scan`), each chunk
+  recomputed in the backward pass: only (L, Din)-sized arrays and one chunk's states are
+  ever stored (docs/design.md, Mamba). Same result either way.
   """
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   u, delta, A, B, C, D = map(f32, (u, delta, A, B, C, D))
   length = u.shape[-2]
-  if chunk is None or chunk >= length:
+  if not chunk or chunk >= length:
     h = _scan_states(u, delta, A, B)
     return jnp.einsum("...dn,...n->...d", h, C) + D * u
 
@@ -222,7 +222,7 @@ class MambaUNet(nn.Module):
   d_state: int = 16
   expand: int = 2
   d_conv: int = 4
-  scan_chunk: int | None = 16  # selective_scan's `chunk`
+  scan_chunk: int = 16  # selective_scan's `chunk`; 0: one scan over the whole sequence
   dropout: float = 0.0
   num_groups: int = 32
   time_scale: float = 1000.0  # as UNet: frequencies tuned for steps in [0, 1000]
@@ -241,11 +241,9 @@ class MambaUNet(nn.Module):
       if not 0 <= level < levels:
         raise ValueError(f"model.ssm_levels: level {level} outside 0..{levels - 1}")
     for key in ("d_state", "expand", "d_conv", "num_res_blocks", "scan_chunk"):
-      value = getattr(self, key)
-      if not (value is None and key == "scan_chunk") and not (isinstance(value, int)
-                                                              and value >= 1):
-        raise ValueError(f"model.{key}={value!r}: expected an int ≥ 1"
-                         + (" or None" if key == "scan_chunk" else ""))
+      value, least = getattr(self, key), 0 if key == "scan_chunk" else 1
+      if not (isinstance(value, int) and value >= least):
+        raise ValueError(f"model.{key}={value!r}: expected an int ≥ {least}")
     batch = source.shape[0]
     if t is None:
       t = jnp.zeros((batch,), jnp.float32)
