@@ -158,6 +158,17 @@ def test_3d_shapes_and_one_scan_per_axis_and_direction():
   assert out.shape == (2, 4, 8, 8, 1) and out.dtype == jnp.float32
 
 
+def test_remat_keeps_the_parameter_tree_and_differentiates():
+  x, t, source = inputs((2, 16, 16))
+  plain, rematted = (models.build("mamba", **TINY, remat=r) for r in (False, True))
+  trees = [jax.eval_shape(lambda m=m: m.init(key(), x, t, source, train=False))
+           for m in (plain, rematted)]
+  assert jax.tree.structure(trees[0]) == jax.tree.structure(trees[1])
+  grads = jax.eval_shape(jax.grad(lambda p: rematted.apply(p, x, t, source, train=True).sum()),
+                         trees[1])
+  assert jax.tree.structure(grads) == jax.tree.structure(trees[1])
+
+
 def test_zero_output_at_init_and_conditioning():
   model = models.build("mamba", **TINY)
   x, t, source = inputs((2, 16, 16))

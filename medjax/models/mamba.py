@@ -4,7 +4,8 @@ Mamba's selective scan (Gu & Dao 2023): per channel d and state n the linear rec
 h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = C_t · h_t + D u_t, with Δ, B, C computed from
 the input (the "selection") and A diagonal. It is evaluated with
 `jax.lax.associative_scan` (log-depth, linear work), never a Python loop, and in float32
-whatever `model.dtype` (exp(Δ A) products over thousands of steps underflow in bf16).
+whatever `model.dtype` (a state summed over thousands of steps in bf16's 8-bit mantissa
+loses the small contributions).
 
 An image or volume is no sequence, so a `VSSBlock` scans it as VMamba / I2I-Mamba do:
 the grid is flattened with each spatial axis in turn the fastest-varying one, forward and
