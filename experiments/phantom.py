@@ -19,7 +19,8 @@ Arguments (FILE.py:NAME=VALUE,…):
   registration  none (default) | deformable: RegGAN-style registration-aware training
           (train.registration; regression, flow, pix2pix)
   model   the method's backbone (default: U-Net; cyclegan: ResNet generator) | unet |
-          uvit (U-ViT transformer; `size` sets its width, depth and patch)
+          uvit (U-ViT transformer; `size` sets its width, depth and patch) | mamba
+          (state-space U-Net: Mamba blocks scanning the slice in four directions)
   size    small (default: 48×48×32 phantom at 3.3 mm, 32-channel U-Net, batch 16, 1000
           steps: minutes on a 2-core CPU) | tiny (32×32×12 at 5 mm, 8 channels, 6 steps:
           seconds, what the tests and notebooks in CI run) | base (160×160×96 at 1 mm,
@@ -43,7 +44,7 @@ def get_config(arg=None):
   config.data.target = arg.target
   config_lib.apply_method(config, arg.method)
   if arg.model:
-    config_lib.choose("model", arg.model, ("unet", "uvit"))
+    config_lib.choose("model", arg.model, ("unet", "uvit", "mamba"))
     config.model = config_lib.model_config(arg.model)
   config_lib.apply_size(config, arg.size)
   config.data.phantom.misalign = arg.misalign

@@ -13,7 +13,7 @@ Arguments (FILE.py:NAME=VALUE,…):
   method      flow (default) | regression | diffusion | bridge | i2sb
   modalities  t1w+t2w+pd+flair (default): the set, joined by '+' (two or more of the
               phantom's t1w, t2w, pd, flair)
-  model       unet (default) | uvit
+  model       unet (default) | uvit | mamba
   size        small (default: 1000 steps) | tiny | base, as experiments/phantom.py
 """
 
@@ -34,7 +34,7 @@ def get_config(arg=None):
   config.data.any2any = True
   config.data.modalities = names
   config_lib.apply_method(config, arg.method)
-  config_lib.choose("model", arg.model, ("unet", "uvit"))
+  config_lib.choose("model", arg.model, ("unet", "uvit", "mamba"))
   config.model = config_lib.model_config(arg.model)
   config_lib.apply_size(config, arg.size)
   # Every evaluation scores each direction (16 for four contrasts): once, at the end.

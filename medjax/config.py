@@ -106,17 +106,21 @@ SIZES = {
              "unet": {"channels": 8, "channel_mult": (1, 2), "attention_levels": ()},
              "resnet": {"channels": 4, "num_blocks": 1}, "discriminator": 8,
              "uvit": {"width": 32, "depth": 3, "num_heads": 4, "patch_size": 2},
+             "mamba": {"channels": 8, "channel_mult": (1, 2), "d_state": 4, "expand": 1},
              "batch_size": 8, "total_steps": 6},
     "small": {"shape": (48, 48, 32), "spacing": (160 / 48, 160 / 48, 3.0), "subjects": 20,
               "unet": {"channels": 32, "channel_mult": (1, 2, 2), "attention_levels": (2,)},
               "resnet": {"channels": 16, "num_blocks": 9}, "discriminator": 32,
               "uvit": {"width": 128, "depth": 7, "num_heads": 4, "patch_size": 4},
+              "mamba": {"channels": 32, "channel_mult": (1, 2, 2), "d_state": 4, "expand": 1},
               "batch_size": 16, "total_steps": 1000},
     "base": {"shape": (160, 160, 96), "spacing": (1.0, 1.0, 1.0), "subjects": 200,
              "unet": {"channels": 64, "channel_mult": (1, 2, 2, 4), "attention_levels": (3,),
                       "num_res_blocks": 2},
              "resnet": {"channels": 64, "num_blocks": 9}, "discriminator": 64,
              "uvit": {"width": 512, "depth": 13, "num_heads": 8, "patch_size": 4},
+             "mamba": {"channels": 64, "channel_mult": (1, 2, 2, 4), "d_state": 16,
+                       "num_res_blocks": 2},
              "batch_size": 32, "total_steps": 100_000},
 }
 
@@ -511,9 +515,9 @@ def _validate_any2any(config) -> None:
   if config.translator.name not in ANY2ANY_METHODS:
     raise ConfigError(f"data.any2any with translator {config.translator.name!r}: any-to-any "
                       f"runs with {', '.join(ANY2ANY_METHODS)}")
-  if config.model.name not in ("unet", "uvit"):
+  if config.model.name not in ("unet", "uvit", "mamba"):
     raise ConfigError(f"data.any2any with model {config.model.name!r}: the target embedding "
-                      "is built into unet and uvit")
+                      "is built into unet, uvit and mamba")
   if data.unpaired:
     raise ConfigError("data.any2any needs paired data (data.unpaired=false)")
   if data.phantom.get("misalign", 0.0):

@@ -24,6 +24,7 @@ VARIANTS = (
     + [f"phantom.py:size={s}" for s in config_lib.SIZES]
     + ["phantom.py", "phantom.py:method=cyclegan,size=tiny", "phantom.py:source=pd,target=flair"]
     + ["phantom.py:model=uvit", "phantom.py:method=cyclegan,model=uvit,size=tiny"]
+    + ["phantom.py:model=mamba", "phantom.py:method=flow,model=mamba,size=tiny"]
     + [f"{name}.py:method={m}" for name in ("synthrad2023_mr_ct", "synthrad2023_cbct_ct",
                                             "brats_t1_t2", "ixi_t1_t2")
        for m in config_lib.METHODS]

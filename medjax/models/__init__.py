@@ -9,20 +9,22 @@ import dataclasses
 import flax.linen as nn
 
 from medjax.models.layers import DTYPES
+from medjax.models.mamba import MambaUNet
 from medjax.models.patchgan import PatchGAN
 from medjax.models.resnet import ResNetGenerator
 from medjax.models.unet import UNet
 from medjax.models.uvit import UViT
 
-MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN, "uvit": UViT}
+MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN, "uvit": UViT,
+          "mamba": MambaUNet}
 
 DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
                     + " | ".join(map(repr, DTYPES)) + "; parameters, norm statistics, "
                     "softmax, output and loss stay float32 (float16: no loss scaling)")
 DIMS = (2, "spatial axes of the inputs: 2 (B, H, W, C) slices | 3 (B, D, H, W, C) volumes, "
            "3^dims kernels")
-REMAT = (False, "recompute each residual/attention block's activations in the backward pass "
-                "(less memory; ~17 % more FLOPs per step)")
+REMAT = (False, "recompute each residual/attention/state-space block's activations in the "
+                "backward pass (less memory; ~17 % more FLOPs per step)")
 
 OPTIONS = {
     "unet": {
@@ -67,6 +69,25 @@ OPTIONS = {
         "dtype": DTYPE,
         "remat": REMAT,
     },
+    "mamba": {
+        "channels": (32, "width of the first level (U-Net of residual and state-space blocks)"),
+        "channel_mult": ((1, 2, 2), "width multiplier per level; one downsampling between "
+                                    "levels"),
+        "num_res_blocks": (1, "residual blocks per level, each followed by a state-space "
+                              "block on the levels of ssm_levels"),
+        "ssm_levels": (None, "levels (indices into channel_mult) with state-space blocks; "
+                             "None: every level but the first (full resolution)"),
+        "d_state": (16, "state size N of each channel's selective scan (Mamba)"),
+        "expand": (2, "inner width of a Mamba block over its input width"),
+        "d_conv": (4, "width of the causal depthwise convolution along each scan"),
+        "scan_chunk": (16, "steps per chunk of the selective scan (an associative scan in "
+                           "each, the state carried between them; only one chunk's states "
+                           "in memory) | 0: one associative scan over the whole sequence"),
+        "dropout": (0.0, "dropout inside residual blocks while training"),
+        "dtype": DTYPE,
+        "remat": REMAT,
+        "dims": DIMS,
+    },
 }
 
 
@@ -88,4 +109,5 @@ def build(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["DTYPES", "MODELS", "OPTIONS", "PatchGAN", "ResNetGenerator", "UNet", "UViT", "build"]
+__all__ = ["DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN", "ResNetGenerator", "UNet",
+           "UViT", "build"]
