@@ -82,8 +82,7 @@ def readme_commands() -> list[list[str]]:
     if "medjax " not in line:
       continue
     for part in re.split(r"&&|;|\|", line):
-      words = shlex.split(part.split("#")[0])
-      words = [w for w in words if w]
+      words = shlex.split(part.split("#")[0])  # a quoted '' stays: an empty value
       # `medjax translate` alone in prose names the command; with flags it is one to run.
       placeholder = any(re.match(r"^[A-Z_]{3,}([.:\[=].*)?$", w) for w in words)
       if len(words) >= 3 and words[0].endswith("medjax") and words[1] in COMMANDS \
@@ -115,7 +114,7 @@ def test_every_readme_command_parses_and_its_configs_load():
 def test_every_config_key_the_readme_names_exists():
   text = (ROOT / "README.md").read_text()
   named = {key for key in re.findall(r"\b((?:data|model|translator|train|eval|checkpoint|"
-                                     r"logging)\.[a-z_]+(?:\.[a-z_]+)*)", text)
+                                     r"logging)\.[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*)", text)
            if not key.endswith((".py", ".md", ".json", ".csv", ".png"))}
   assert named
   assert not sorted(named - all_keys() - {"data.phantom"})
