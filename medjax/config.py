@@ -86,7 +86,8 @@ HELP = {
     "eval.segmentation": "also score each evaluated direction by the Dice of a segmentation "
                          "U-Net (trained once on the real training images, cached in "
                          "WORKDIR/segmenter/) with the real, the synthesised and a blank "
-                         "target modality (phantom runs)",
+                         "target modality (phantom runs, and shards prepared from "
+                         "a dataset with seg files: BraTS's tumour labels)",
     "eval.every": "steps between held-out evaluations (and the last step)",
     "eval.batch_size": "slices per evaluation / translation batch",
     "eval.image_slices": "axial slices in each evaluation picture",
@@ -468,9 +469,6 @@ def validate(config, num_devices: int = 1) -> None:
   if not (isinstance(foreground, (int, float)) and 0.0 <= foreground <= 1.0):
     raise ConfigError(f"data.foreground={foreground!r}: expected a share in [0, 1]")
   _validate_any2any(config)
-  if config.eval.get("segmentation", False) and data.kind != "phantom":
-    raise ConfigError("eval.segmentation needs the phantom's tissue labels (data.kind="
-                      "'phantom'): labels of prepared datasets are not carried yet")
   if data.kind == "phantom" and data.phantom.subjects < 3:
     raise ConfigError(f"data.phantom.subjects={data.phantom.subjects}: the train, val and test "
                       "splits need at least 3 subjects")

@@ -207,15 +207,15 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
 
 def task_columns(segmenter, run, volumes, target: str, predictions, rows) -> list[dict]:
   """`rows` with each subject's segmentation Dice (real / synthesised / blank `target`)
-  in `segmentation.columns`' names: phantom subjects only (their rendered labels)."""
+  in `segmentation.columns`' names; `volumes` are the held-out subjects as loaded (phantom
+  subjects' labels rendered, a prepared subject's from its `seg` file)."""
   from medjax import segmentation
-  from medjax.data import pipeline
   if target not in segmenter.modalities:
     raise ValueError(f"the segmenter reads {', '.join(segmenter.modalities)}, not {target}")
   out = []
   for volume, prediction, row in zip(volumes, predictions, rows):
-    images, labels, mask = pipeline.phantom_images(run.config, pipeline.phantom_number(
-        volume.subject), segmenter.modalities)
+    images, labels, mask = segmentation.subject_images(run.config, volume,
+                                                       segmenter.modalities)
     scores = segmentation.task_scores(segmenter, images, labels,
                                       segmenter.modalities.index(target),
                                       prediction.mean[..., 0], mask[..., 0] > 0)

@@ -202,8 +202,9 @@ def add_segmentation(rows, failed, all_cases, *, run_dir, layout, target_dir, mo
   evaluation")."""
   from medjax import segmentation
   if layout != "phantom":
-    raise UserError("--segmentation needs --layout phantom: labels are only available for "
-                    "phantom runs so far")
+    raise UserError("--segmentation needs --layout phantom (phantom files on the run's "
+                    "grid); a prepared dataset is scored by segmentation with `medjax "
+                    "evaluate --segmentation`")
   segmenter = segmentation.segmenter_for(run_dir, progress=progress)
   subjects = {s.id: s for s in layouts.find_subjects(layout, target_dir)}
   by_id = {c.id: c for c in all_cases}

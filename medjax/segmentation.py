@@ -34,6 +34,11 @@ PARAMS = "params"
 # The labels scored: every phantom tissue but the air around the head.
 LABELS = {name: value for name, value in phantom.TISSUES.items() if name != "air"}
 CLASSES = max(phantom.TISSUES.values()) + 1
+# BraTS tumour labels: necrotic core, oedema, enhancing tumour (4 in 2021, 3 from 2023).
+BRATS_LABELS = {"brats2021": {"necrosis": 1, "oedema": 2, "enhancing": 4},
+                "brats2023": {"necrosis": 1, "oedema": 2, "enhancing": 3},
+                "brasyn": {"necrosis": 1, "oedema": 2, "enhancing": 3}}
+MAX_SLICES = 4096  # a prepared dataset's training slices for the segmenter, evenly taken
 # Measured on the `small` phantom (48×48×32, 16 training subjects), 2 CPU cores: see
 # docs/design.md, "Segmentation-based evaluation".
 DEFAULTS = {"steps": 400, "batch_size": 8, "learning_rate": 5e-3, "channels": 8,
@@ -52,8 +57,60 @@ def modalities(config) -> tuple[str, ...]:
 
 
 def network(settings: dict) -> UNet:
-  return UNet(out_channels=CLASSES, channels=int(settings["channels"]), channel_mult=(1, 2),
-              num_res_blocks=1, attention_levels=())
+  return UNet(out_channels=int(settings.get("classes", CLASSES)),
+              channels=int(settings["channels"]), channel_mult=(1, 2), num_res_blocks=1,
+              attention_levels=())
+
+
+def labels_for(config) -> dict:
+  """The labels a run's segmenter learns and scores: the phantom's tissues, BraTS's
+  tumour labels for BraTS layouts, else each label value found in the training shards."""
+  if config.data.kind == "phantom":
+    return dict(LABELS)
+  from medjax.data import shards
+  layout = (shards.load_manifest(config.data.dir).get("settings") or {}).get("layout")
+  if layout in BRATS_LABELS:
+    return dict(BRATS_LABELS[layout])
+  found = set()
+  for labels in _shard_labels(config, "train"):
+    found |= set(np.unique(labels).tolist())
+  return {f"label_{v}": int(v) for v in sorted(found - {0})}
+
+
+def _shard_labels(config, split):
+  from medjax.data import shards
+  for meta in shards.split_metadata(config.data.dir, split):
+    labels = shards.read_labels(config.data.dir, split, meta)
+    if labels is None:
+      raise UserError(f"{config.data.dir}/{split}: subject {meta['subject']} has no labels: "
+                      "segmentation needs the dataset's seg files, prepared with them "
+                      "(a layout that finds `seg`: brats2021, brats2023, phantom, csv)")
+    yield labels
+
+
+def subject_images(config, volume, names):
+  """A held-out `Volume` as the segmenter reads it: ((Z, H, W, M) real images of `names`,
+  (Z, H, W) labels, (Z, H, W, 1) mask). Phantom subjects are rendered again (the true,
+  aligned target); a prepared subject's come from its shard and labels."""
+  if config.data.kind == "phantom":
+    return pipeline.phantom_images(config, pipeline.phantom_number(volume.subject), names)
+  channels = modalities_lib.as_tuple(config.data.source) + (config.data.target,)
+  if volume.labels is None:
+    raise UserError(f"subject {volume.subject} of {config.data.dir} has no labels: "
+                    "segmentation needs the dataset's seg files, prepared with them")
+  stacked = np.concatenate([volume.source, volume.target], -1)
+  return stacked[..., [channels.index(m) for m in names]], volume.labels, volume.mask
+
+
+def _subjects(config, split, names):
+  """(images, labels, mask) of every subject of `split` (phantom or prepared shards)."""
+  if config.data.kind == "phantom":
+    for subject in pipeline.phantom_split(config)[split]:
+      yield pipeline.phantom_images(config, subject, names)
+    return
+  from medjax.data import shards
+  for volume in shards.split_volumes(config.data.dir, split):
+    yield subject_images(config, volume, names)
 
 
 @dataclasses.dataclass
@@ -144,7 +201,7 @@ def _loss(net, params, images, labels, dice_weight: float):
   # Soft Dice over the batch per class present: the small labels (lesion, oedema) weigh
   # as much as the large ones, which cross-entropy alone lets the model neglect.
   probs = jax.nn.softmax(logits)
-  onehot = jax.nn.one_hot(labels, CLASSES)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1])
   overlap = (probs * onehot).sum((0, 1, 2))
   size = probs.sum((0, 1, 2)) + onehot.sum((0, 1, 2))
   present = onehot.sum((0, 1, 2)) > 0
@@ -153,14 +210,15 @@ def _loss(net, params, images, labels, dice_weight: float):
 
 
 def training_slices(config, names, split: str = "train"):
-  """Every axial slice of the phantom subjects of `split`: (N, H, W, M) images, (N, H, W)
-  labels."""
+  """The axial slices of the subjects of `split`: (N, H, W, M) images, (N, H, W) labels;
+  of a prepared dataset at most `MAX_SLICES`, evenly taken."""
   images, labels = [], []
-  for subject in pipeline.phantom_split(config)[split]:
-    x, y, _ = pipeline.phantom_images(config, subject, names)
+  for x, y, _ in _subjects(config, split, names):
     images.append(x)
     labels.append(y)
-  return np.concatenate(images), np.concatenate(labels)
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  stride = max(1, -(-len(images) // MAX_SLICES))
+  return images[::stride], labels[::stride]
 
 
 def train(config, names, settings: dict, progress=None) -> object:
@@ -202,20 +260,27 @@ def train(config, names, settings: dict, progress=None) -> object:
 
 def _made_for(config, names, settings: dict) -> dict:
   """What a cached segmenter must have been made with to be reused."""
+  labels = labels_for(config)
+  settings = {**settings, "classes": max(max(labels.values(), default=0) + 1, 2),
+              "source": list(modalities_lib.as_tuple(config.data.source))}
+  if config.data.kind != "phantom":
+    recipe = pipeline.recipe(config)
+    return {"modalities": list(names), "labels": labels,
+            "settings": {**settings, "data_dir": str(Path(config.data.dir).resolve()),
+                         "size": [int(s) for s in recipe.size],
+                         "spacing": [float(s) for s in recipe.spacing]}}
   p = config.data.phantom
-  return {"modalities": list(names), "labels": dict(LABELS),
+  return {"modalities": list(names), "labels": labels,
           "settings": {**settings, "shape": [int(s) for s in p.shape],
                        "spacing": [float(s) for s in p.spacing], "phantom_seed": int(p.seed),
-                       "subjects": int(p.subjects), "source": list(
-                           modalities_lib.as_tuple(config.data.source))}}
+                       "subjects": int(p.subjects)}}
 
 
 def validation_dice(segmenter: Segmenter, config) -> dict[str, float]:
   """The segmenter's Dice on the REAL validation subjects (mean over subjects per label,
   NaN skipped, and 'mean' over labels): the ceiling of every other Dice it reports."""
   per_subject = []
-  for subject in pipeline.phantom_split(config)["val"]:
-    images, labels, _ = pipeline.phantom_images(config, subject, segmenter.modalities)
+  for images, labels, _ in _subjects(config, "val", segmenter.modalities):
     per_subject.append(dice(segmenter.segment(images), labels, segmenter.labels))
   scores = {name: mean({s: d[name] for s, d in enumerate(per_subject)})
             for name in segmenter.labels}
@@ -234,16 +299,17 @@ def _resolve(source):
   if workdir is None:
     raise UserError("the segmenter is cached in a run directory; this model has none "
                     "(give the run's workdir)")
-  if config.data.kind != "phantom":
-    raise UserError(f"segmentation labels are only available for phantom runs so far; "
-                    f"{workdir} trains on data.kind={config.data.kind!r}")
   return config, Path(workdir)
 
 
 def default_steps(config) -> int:
   """`DEFAULTS["steps"]`, or `MAX_EPOCHS` passes over the training slices if fewer (a tiny
   phantom learns what it can in those and trains in seconds)."""
-  slices = len(pipeline.phantom_split(config)["train"]) * int(config.data.phantom.shape[2])
+  if config.data.kind == "phantom":
+    slices = len(pipeline.phantom_split(config)["train"]) * int(config.data.phantom.shape[2])
+  else:
+    from medjax.data import shards
+    slices = sum(len(m["slices"]) for m in shards.split_metadata(config.data.dir, "train"))
   epochs = -(-MAX_EPOCHS * slices // DEFAULTS["batch_size"])
   return int(min(DEFAULTS["steps"], epochs))
 
@@ -267,16 +333,18 @@ def segmenter_for(source, *, steps: int | None = None, progress=None) -> Segment
       cached_steps = (index.get("settings") or {}).get("steps")
       wanted = {**made_for, "settings": {**made_for["settings"], "steps": cached_steps}}
     if all(index.get(k) == v for k, v in wanted.items()):
-      shape = (1, *[int(s) for s in config.data.phantom.shape[:2]], len(names))
+      grid = (config.data.phantom.shape[:2] if config.data.kind == "phantom"
+              else pipeline.recipe(config).size)
+      shape = (1, *[int(s) for s in grid], len(names))
       abstract = jax.eval_shape(lambda: net.init(
           jax.random.PRNGKey(0), None, None, jnp.zeros(shape), train=False)["params"])
       one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       abstract = checkpoint.abstract_like(abstract, jax.tree.map(lambda _: one, abstract))
       params = checkpoint.restore_tree(folder / PARAMS, abstract)
-      return Segmenter(names, dict(LABELS), params, wanted["settings"])
+      return Segmenter(names, made_for["labels"], params, wanted["settings"])
   start = time.perf_counter()
-  params = train(config, names, settings, progress)
-  segmenter = Segmenter(names, dict(LABELS), params, made_for["settings"])
+  params = train(config, names, made_for["settings"], progress)
+  segmenter = Segmenter(names, made_for["labels"], params, made_for["settings"])
   val = validation_dice(segmenter, config)
   seconds = time.perf_counter() - start
   if progress:

@@ -258,16 +258,32 @@ def test_brats_folders_prepare_train_and_fill_in_brasyn_gaps(phantom_files, tmp_
         if modality not in skip:
           shutil.copy(phantom_files / f"phantom_00{i}" / f"{modality}.nii.gz",
                       root / sid / f"{sid}-{tag}.nii.gz")
+    # the phantom's tissue labels stand in for BraTS's tumour labels
+    shutil.copy(phantom_files / f"phantom_00{i}" / "labels.nii.gz",
+                complete / sid / f"{sid}-seg.nii.gz")
     if removed == NAMES:  # this subject keeps only its segmentation
-      shutil.copy(phantom_files / f"phantom_00{i}" / "mask.nii.gz",
+      shutil.copy(phantom_files / f"phantom_00{i}" / "labels.nii.gz",
                   brasyn / sid / f"{sid}-seg.nii.gz")
   shards, run = tmp_path / "shards", tmp_path / "run"
   assert medjax("prepare", "--layout", "brats2023", "--input-dir", complete, "--output-dir",
                 shards, "--source", "t1w,t2w", "--target", "flair", "--spacing", "5x5x8",
                 "--size", "32x32", "--fractions", "0.6,0.2,0.2") == 0
+  # prepare carries each subject's labels (nearest neighbour on the grid, here the file's
+  # own) beside its shard: the seg file's axial slices where the shard has foreground
+  meta = json.loads(next((shards / "train").glob("*.json")).read_text())
+  seg = nib.load(complete / meta["subject"] / f"{meta['subject']}-seg.nii.gz").get_fdata()
+  with np.load(shards / "train" / meta["labels"]) as saved:
+    np.testing.assert_array_equal(saved["labels"],
+                                  np.moveaxis(seg, -1, 0)[meta["slices"]].astype(np.uint8))
   assert medjax("train", "--config", SPEC, "--workdir", run, "--config.data.kind=shards",
                 f"--config.data.dir={shards}", "--config.train.total_steps=2",
                 "--config.eval.directions=missing_one") == 0
+  # task-based evaluation on a prepared dataset: BraTS's tumour labels (1, 2, 3) are scored
+  assert medjax("evaluate", "--workdir", run, "--split", "test", "--segmentation") == 0
+  scored = json.loads((run / "eval" / "2" / "test_summary.json").read_text())
+  assert scored["segmenter"]["modalities"] == list(NAMES)
+  assert set(scored["segmentation"]) >= {"dice_real_necrosis", "dice_synth_oedema",
+                                         "dice_blank_enhancing", "dice_drop_mean"}
   out = tmp_path / "filled"
   capsys.readouterr()
   status = medjax("translate", "--workdir", run, "--input-dir", brasyn, "--layout",

@@ -163,12 +163,4 @@ def test_score_segmentation_needs_the_phantom_layout(tmp_path, capsys):
   assert cli.main(["medjax", "score", "--pred-dir", str(tmp_path / "p"), "--target-dir",
                    str(tmp_path), "--protocol", "mri", "--target", "t2w",
                    "--segmentation", str(tmp_path)]) == 2
-  assert "only available for phantom" in capsys.readouterr().err
-
-
-def test_a_shards_run_has_no_labels_yet(tmp_path):
-  config = tiny_config().copy_and_resolve_references()
-  with config.unlocked():
-    config.data.kind = "shards"
-  with pytest.raises(Exception, match="only available for phantom runs"):
-    segmentation.segmenter_for((config, tmp_path))
+  assert "needs --layout phantom" in capsys.readouterr().err

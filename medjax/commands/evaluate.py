@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
   parser.add_argument("--segmentation", action="store_true", default=None,
                       help="also score by segmentation: the Dice of a U-Net trained once on "
                            "the real training images (cached in WORKDIR/segmenter/) with the "
-                           "real, the synthesised and a blank target (phantom runs)")
+                           "real, the synthesised and a blank target (phantom runs; shards "
+                           "prepared with the dataset's seg files)")
 
 
 def run(args) -> int:

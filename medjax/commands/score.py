@@ -68,8 +68,9 @@ def run(args) -> int:
   from medjax import figures, score
   modality = _modality(args)
   if args.segmentation and args.layout != "phantom":
-    raise UserError("--segmentation needs --layout phantom: labels are only available for "
-                    "phantom runs so far")
+    raise UserError("--segmentation needs --layout phantom (phantom files on the run's "
+                    "grid); a prepared dataset is scored by segmentation with `medjax "
+                    "evaluate --segmentation`")
   index = score.read_index(args.pred_dir) or {"subjects": {}}
   per_subject = all(isinstance(e, dict) and e.get("target") for e in index["subjects"].values())
   if args.layout and not modality and not (index["subjects"] and per_subject):

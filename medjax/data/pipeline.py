@@ -75,8 +75,7 @@ def phantom_number(subject_id: str) -> int:
   """`phantom_volume`'s subject id (phantom_003) → the subject number (3)."""
   prefix = "phantom_"
   if not (subject_id.startswith(prefix) and subject_id[len(prefix):].isdigit()):
-    raise ValueError(f"{subject_id!r} is not a phantom subject (segmentation labels are "
-                     "only available for phantom runs so far)")
+    raise ValueError(f"{subject_id!r} is not a phantom subject")
   return int(subject_id[len(prefix):])
 
 

@@ -108,9 +108,15 @@ def _prepare_one(task: dict) -> dict:
             "inputs": prepared.inputs,
             "slices": [int(z) for z in prepared.foreground_slices()]}
     shard = shard_path(out, split, subject.id)
-    # The json goes first: a shard that exists always has its metadata next to it.
+    if prepared.labels is not None:
+      meta["labels"] = shards.labels_path(shard).name
+    # The json goes first (then the labels): a shard that exists always has its metadata
+    # (and labels) next to it.
     try:
       files.write_json(shard.with_suffix(".json"), meta, indent=None)
+      if prepared.labels is not None:
+        with files.atomic_write(shards.labels_path(shard)) as tmp, open(tmp, "wb") as f:
+          np.savez_compressed(f, labels=prepared.labels[meta["slices"]])
       _write_shard(shard, prepared.records(recipe.context, task["index"]))
     except OSError as error:
       if error.errno in DISK_ERRNOS:  # the output's fault: every subject would fail alike

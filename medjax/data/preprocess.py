@@ -148,6 +148,9 @@ class PreparedSubject:
   geometry: dict  # what `to_original` needs to go back
   normalisation: dict  # modality → intensity.fit parameters
   inputs: dict | None = None  # `inputs.describe` of the sources (what the model is fed)
+  # (Z, H, W) uint8 segmentation labels on the grid (a `seg` file, nearest neighbour), or
+  # None: what segmentation-based evaluation trains and scores on (prepare only).
+  labels: np.ndarray | None = None
 
   def foreground_slices(self) -> np.ndarray:
     return np.flatnonzero(self.mask.reshape(self.mask.shape[0], -1).any(1))
@@ -174,6 +177,9 @@ class Volume:
   # The target where it truly lies, when `target` is misaligned (the phantom's
   # data.phantom.misalign); scaled with target_params. None: the pair is aligned.
   target_aligned: np.ndarray | None = None
+  # (Z, H, W) uint8 segmentation labels (the phantom's tissues, a dataset's `seg`), or None:
+  # what segmentation-based evaluation scores (docs/design.md, "Segmentation-based evaluation").
+  labels: np.ndarray | None = None
 
 
 def with_context(source: np.ndarray, context: int) -> np.ndarray:
@@ -289,11 +295,22 @@ def preprocess(files: Mapping, recipe: Recipe, *, subject_id: str = "",
       # The share of the body mask the in-plane crop to `size` cut away (0 when it fits).
       "body_cropped": round(1.0 - float(kept) / float(mask.sum()), 6),
   }
+  labels = None
+  if targets and files.get("seg") is not None:  # prepare: the dataset's labels, if any
+    seg, seg_affine = volumes.to_ras(*volumes.load(files["seg"], max_voxels))
+    values = np.rint(seg)
+    if values.min() < 0 or values.max() > 255:
+      raise VolumeError(files["seg"], f"labels {values.min():g}..{values.max():g} outside "
+                        "0..255: not a label map")
+    # Nearest neighbour: a label is a class, never a blend of two.
+    labels = _axial(volumes.window(
+        volumes.resample(values, seg_affine, grid_affine, grid_shape, order=0, cval=0.0),
+        start, recipe.size, 0.0)).astype(np.uint8)
   return PreparedSubject(
       id=subject_id, source=stack(recipe.sources),
       target=stack(recipe.targets) if targets else None,
       mask=_axial(volumes.window(mask.astype(np.float32), start, recipe.size, 0.0)[..., None]),
-      geometry=geometry, normalisation=normalisation, inputs=description)
+      geometry=geometry, normalisation=normalisation, inputs=description, labels=labels)
 
 
 def to_original(volume: np.ndarray, geometry: dict, *, order: int = 1,

@@ -232,6 +232,28 @@ def read_shard(path) -> list[dict]:
   return [_decode(data, path, i) for i, data in enumerate(raw)]
 
 
+def labels_path(shard) -> Path:
+  """`<stem>.array_record` → `<stem>.seg.npz`: the subject's segmentation labels on its
+  foreground slices, (Z, H, W) uint8, when its dataset had a `seg` file."""
+  return Path(shard).with_suffix(".seg.npz")
+
+
+def read_labels(directory, split: str, meta: dict) -> np.ndarray | None:
+  """A subject's labels (`labels_path`), in its shard's slice order; None without."""
+  if not meta.get("labels"):
+    return None
+  path = Path(directory) / split / meta["labels"]
+  try:
+    with np.load(path) as saved:
+      labels = saved["labels"]
+  except (OSError, ValueError, KeyError) as error:
+    raise UserError(f"{path}: not readable labels ({error}); prepare again") from None
+  if labels.ndim != 3 or labels.shape[0] != len(meta["slices"]):
+    raise UserError(f"{path}: labels of shape {labels.shape} for {len(meta['slices'])} "
+                    "slices; prepare again")
+  return labels
+
+
 def split_metadata(directory, split: str) -> list[dict]:
   """The per-subject json `prepare` wrote beside each shard of `split`."""
   return [subject_meta(meta_path(path)) for path in shard_paths(directory, split)]
@@ -262,7 +284,8 @@ def split_volumes(directory, split: str) -> list[Volume]:
         source=np.stack([r["source"] for r in subject_records]),
         target=np.stack([r["target"] for r in subject_records]),
         mask=np.stack([r["mask"] for r in subject_records]),
-        target_params=meta["normalisation"][target]))
+        target_params=meta["normalisation"][target],
+        labels=read_labels(directory, split, meta)))
   if not result:
     raise UserError(f"no {split} subjects under {directory}: the evaluation needs at least one")
   return sorted(result, key=lambda v: v.subject)
