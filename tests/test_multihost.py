@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import OPT_FLAG, ROOT, tiny_config
 from test_train import write_experiment
 
 STEPS = 3
@@ -48,14 +48,17 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
   config.train.total_steps = config.checkpoint.every = config.eval.every = STEPS
   config.train.log_every = 1
   experiment = write_experiment(tmp_path, config)
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SLURM_NTASKS")}
+  # Every process compiles as the tests do (-O0, conftest): the runs compared bitwise
+  # share their flags; only the device count differs.
+  env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SLURM_NTASKS")},
+         "XLA_FLAGS": OPT_FLAG}
   env["JAX_PLATFORMS"] = "cpu"
 
   def train(workdir, *extra, xla_flags=None):
     return subprocess.Popen(
         [sys.executable, "-m", "medjax.cli", "train", "--config", experiment,
          "--workdir", str(tmp_path / workdir), *extra],
-        cwd=ROOT, env={**env, **({"XLA_FLAGS": xla_flags} if xla_flags else {})},
+        cwd=ROOT, env={**env, **({"XLA_FLAGS": f"{OPT_FLAG} {xla_flags}"} if xla_flags else {})},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
   coordinator = f"localhost:{free_port()}"

@@ -13,6 +13,8 @@ import jupytext
 import nbclient
 import pytest
 
+from conftest import OPT_FLAG
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Notebook → the plots it must show (image/png outputs), and its tiny parameters.
 NOTEBOOKS = {
@@ -55,7 +57,8 @@ def test_notebook_executes_and_shows_its_plots(name, tmp_path, monkeypatch):
   scratch = tmp_path / "tmp"
   scratch.mkdir()
   monkeypatch.setenv("TMPDIR", str(scratch))
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  # The kernel compiles as the tests do (-O0, conftest), with no device-count flag.
+  monkeypatch.setenv("XLA_FLAGS", OPT_FLAG)
   notebook = jupytext.read(ROOT / "notebooks" / f"{name}.py")
   inject_parameters(notebook, {**parameters, "WORKDIR": None})
   client = nbclient.NotebookClient(notebook, timeout=240, kernel_name=kernel_name(),
