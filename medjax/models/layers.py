@@ -79,6 +79,27 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
   return embedding
 
 
+def film_embedding(t, batch: int, channels: int, time_scale: float, cond=None):
+  """The U-Nets' conditioning vector (B, 4·channels), called inside a compact `__call__`
+  (its layers belong to the caller, named as they always were): time t (None: 0; t in
+  [0, 1] scaled by `time_scale`) as a sinusoid through a two-layer MLP, plus, with `cond`
+  (B, K), a bias-free Dense of it (`cond_embed`: on a one-hot, a learned embedding, e.g.
+  any-to-any's target). float32: B × width is tiny, and every block's FiLM scale comes
+  from it."""
+  if t is None:
+    t = jnp.zeros((batch,), jnp.float32)
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+  emb_dim = 4 * channels
+  emb = timestep_embedding(t * time_scale, channels)
+  emb = nn.Dense(emb_dim, dtype=jnp.float32)(nn.silu(nn.Dense(emb_dim, dtype=jnp.float32)(emb)))
+  if cond is not None:
+    if cond.ndim != 2 or cond.shape[0] != batch:
+      raise ValueError(f"cond must be (B, K) with B={batch}, got shape {tuple(cond.shape)}")
+    emb = emb + nn.Dense(emb_dim, use_bias=False, dtype=jnp.float32,
+                         name="cond_embed")(jnp.asarray(cond, jnp.float32))
+  return emb
+
+
 def group_norm(channels: int, num_groups: int = 32, name: str | None = None,
                dtype: Any = jnp.float32):
   # gcd keeps the group count a divisor of the channels, so tiny test widths

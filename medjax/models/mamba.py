@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.models.layers import (Downsample, ResBlock, Upsample, check_input, compute_dtype,
-                                  group_norm, kernel, maybe_remat, timestep_embedding,
-                                  zeros_init)
+                                  film_embedding, group_norm, kernel, maybe_remat, zeros_init)
 
 
 def selective_scan(u, delta, A, B, C, D, chunk: int | None = None):
@@ -246,19 +245,8 @@ class MambaUNet(nn.Module):
       if not (isinstance(value, int) and value >= least):
         raise ValueError(f"model.{key}={value!r}: expected an int ≥ {least}")
     batch = source.shape[0]
-    if t is None:
-      t = jnp.zeros((batch,), jnp.float32)
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
     dtype = compute_dtype(self.dtype)
-
-    emb_dim = 4 * self.channels
-    emb = timestep_embedding(t * self.time_scale, self.channels)
-    emb = nn.Dense(emb_dim, dtype=jnp.float32)(nn.silu(nn.Dense(emb_dim, dtype=jnp.float32)(emb)))
-    if cond is not None:  # e.g. an any-to-any target embedding, added to the time's
-      if cond.ndim != 2 or cond.shape[0] != batch:
-        raise ValueError(f"cond must be (B, K) with B={batch}, got shape {tuple(cond.shape)}")
-      emb = emb + nn.Dense(emb_dim, use_bias=False, dtype=jnp.float32,
-                           name="cond_embed")(cond.astype(jnp.float32))
+    emb = film_embedding(t, batch, self.channels, self.time_scale, cond)
 
     # Named explicitly, so remat leaves the parameter tree as is (layers.maybe_remat).
     res_block = maybe_remat(ResBlock, self.remat, static_argnums=(3,))

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample,
-                                  check_input, compute_dtype, group_norm, kernel,
-                                  maybe_remat, timestep_embedding, zeros_init)
+                                  check_input, compute_dtype, film_embedding, group_norm,
+                                  kernel, maybe_remat, zeros_init)
 
 
 class UNet(nn.Module):
@@ -58,18 +58,8 @@ class UNet(nn.Module):
     for level in self.attention_levels:
       if not 0 <= level < len(self.channel_mult):
         raise ValueError(f"attention level {level} outside 0..{len(self.channel_mult) - 1}")
-    if t is None:
-      t = jnp.zeros((batch,), jnp.float32)
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
     dtype = compute_dtype(self.dtype)
-
-    emb_dim = 4 * self.channels
-    emb = timestep_embedding(t * self.time_scale, self.channels)
-    # float32: B × emb_dim is tiny, and the FiLM scales of every block come from it.
-    emb = nn.Dense(emb_dim, dtype=jnp.float32)(nn.silu(nn.Dense(emb_dim, dtype=jnp.float32)(emb)))
-    if cond is not None:  # (B, K): e.g. any-to-any's one-hot target, a learned embedding
-      emb = emb + nn.Dense(emb_dim, use_bias=False, dtype=jnp.float32,
-                           name="cond_embed")(jnp.asarray(cond, jnp.float32))
+    emb = film_embedding(t, batch, self.channels, self.time_scale, cond)
 
     h = source if x is None else jnp.concatenate([x, source], axis=-1)
     # Named explicitly (the names flax would give), so remat leaves the parameter tree as is.
