@@ -101,9 +101,7 @@ def direction(run, inputs, target: str | None = None):
         raise UserError(f"the model takes {', '.join(sources)} and translates to "
                         f"{run.target}; got inputs {', '.join(inputs)}")
       inputs = [inputs[m] for m in sources]
-    if target is not None and modalities.canonical(target) != run.target:
-      raise UserError(f"--target {target}: this run translates {'+'.join(sources)} to "
-                      f"{run.target} only (an any-to-any run, data.any2any, takes any target)")
+    check_own_target(run, target)
     return sources, list(inputs), run.target
   if not isinstance(inputs, dict):
     raise UserError(f"this run is any-to-any over {', '.join(names)}: name each input, "
@@ -132,6 +130,14 @@ def direction(run, inputs, target: str | None = None):
                     "target)")
   sources = tuple(m for m in names if m in inputs)
   return sources, [inputs[m] for m in sources], target
+
+
+def check_own_target(run, target: str | None) -> None:
+  """A one-direction run takes no `--target` but its own."""
+  if target is not None and modalities.canonical(target) != run.target:
+    raise UserError(f"--target {target}: this run translates "
+                    f"{'+'.join(run.recipe.sources)} to {run.target} only (an any-to-any "
+                    "run, data.any2any, takes any target)")
 
 
 def translate_file(run, inputs, output=None, *, target: str | None = None,
@@ -376,7 +382,7 @@ def translate_directory(run, input_dir, output_dir, layout: str, *, target=None,
   done, failed, notes = {}, {}, {}
   names = any2any.modalities(run.config)
   if target is not None and not names:
-    direction(run, [None] * len(sources), target)  # a one-direction run: its own target only
+    check_own_target(run, target)
     target = None
   for subject in subjects:
     if names:
