@@ -170,6 +170,7 @@ def test_latent_flow_trains_on_its_frozen_vae_and_reports_the_ceiling(vae_run, l
   (vae_dir, vae_summary), (workdir, summary) = vae_run, latent_run
   vae, run = Run.load(vae_dir), Run.load(workdir)
   assert run.config.translator.first_stage.translator.name == "vae"
+  assert "(no description)" not in config_lib.describe(run.config)
   # the frozen first stage is the VAE run's, bit for bit, after training
   jax.tree.map(np.testing.assert_array_equal, run.params["first_stage"], vae.params)
   assert run.step == 6 and set(run.params) == {"net", "first_stage"}
@@ -216,3 +217,5 @@ def test_bad_latent_configs_are_one_line_errors(tmp_path):
     config.model = config_lib.model_config("unet")
   with pytest.raises(ConfigError, match="model.name='autoencoder'"):
     translators.build(config)
+  with pytest.raises(ConfigError, match="data.source must be data.target"):
+    translators.build(config_lib.load(f"{VAE}:size=tiny", ["data.source=t1w"]))
