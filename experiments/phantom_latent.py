@@ -18,6 +18,8 @@ Arguments (FILE.py:NAME=VALUE,…):
           the source) | i2sb
   target  t2w (default) | ct | pd | flair: the VAE's modality
   source  t1w (default) | t2w | pd | flair
+  dims    2 (default) | 3: a 3D U-Net on the latents of a 3D VAE (phantom_vae.py:dims=3),
+          trained on the VAE's patches, sliding-window evaluation
   size    small (default: the 48×48×32 phantom, a 32-channel two-level U-Net on the 12×12
           latents, batch 16, 1000 steps) | tiny (32×32×12, 8 channels, 6 steps: the tests);
           the VAE's size
@@ -26,15 +28,17 @@ Arguments (FILE.py:NAME=VALUE,…):
 from medjax import config as config_lib
 
 PHANTOM_IMAGES = ("t1w", "t2w", "pd", "flair", "ct")
+PATCH = {"tiny": (8, 16, 16), "small": (16, 32, 32)}  # phantom_vae.py's
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, vae="runs/phantom_vae", method="flow", target="t2w",
-                             source="t1w", size="small")
+                             source="t1w", dims=2, size="small")
   config_lib.choose("method", arg.method, ("flow", "diffusion", "bridge", "i2sb"))
   config_lib.choose("target", arg.target, PHANTOM_IMAGES)
   config_lib.choose("source", arg.source, PHANTOM_IMAGES)
   config_lib.choose("size", arg.size, ("tiny", "small"))
+  config_lib.choose("dims", arg.dims, (2, 3))
   config = config_lib.base_config()
   config.data.source = (arg.source,)
   config.data.target = arg.target
@@ -44,4 +48,9 @@ def get_config(arg=None):
   # divide by 2 only), attention on the lower one.
   config.model.update(channel_mult=(1, 2), attention_levels=() if arg.size == "tiny" else (1,))
   config.translator.latent_vae = arg.vae
+  if arg.dims == 3:
+    config.model.update(dims=3, attention_levels=())
+    config.data.patch = PATCH[arg.size]
+    config.train.batch_size = 4
+    config.eval.batch_size = 4
   return config

@@ -24,6 +24,7 @@ from test_translators import counting
 
 VAE = ROOT / "experiments" / "phantom_vae.py"
 LATENT = ROOT / "experiments" / "phantom_latent.py"
+ONE_SAVE = {"checkpoint.every": 6}  # the tiny runs' 6 steps, one checkpoint
 
 
 # -- the VQ bottleneck ---------------------------------------------------------
@@ -107,14 +108,14 @@ def test_3d_autoencoder_shapes():
 @pytest.mark.parametrize("kind", ["kl", "vq"])
 def test_autoencoder_train_steps_lower_the_loss_and_translate_deterministically(kind):
   config = config_lib.load(f"{VAE}:kind={kind},size=tiny",
-                           {"train.total_steps": 12, "train.learning_rate": 3e-3})
+                           {"train.total_steps": 8, "train.learning_rate": 3e-3})
   translator = translators.build(config)
   batch = jax.tree.map(jnp.asarray, next(iter(pipeline.train_dataset(config))))
   state = jax.jit(translator.init)(jax.random.key(0), batch)
   step = jax.jit(translator.train_step)
   fixed = jax.jit(lambda params: translator.objective(params, batch, jax.random.key(5))[1])
   before = float(fixed(state.params))
-  for _ in range(12):
+  for _ in range(8):
     state, metrics = step(state, batch, jax.random.key(1))
   assert float(fixed(state.params)) < 0.6 * before, (before, float(fixed(state.params)))
   if kind == "vq":
@@ -127,18 +128,23 @@ def test_autoencoder_train_steps_lower_the_loss_and_translate_deterministically(
   np.testing.assert_array_equal(np.asarray(mean), np.asarray(again))
   np.testing.assert_array_equal(np.asarray(std), 0.0)
   # translate is decode(encode(·)) through the public first-stage methods
-  latents = translator.encode(params, batch["target"])
-  assert latents.shape == (8, 8, 8, translator.latent_channels)
-  np.testing.assert_allclose(
-      np.asarray(mean), np.clip(np.asarray(translator.decode(params, latents)), -1, 1),
-      atol=1e-5)
+  def first_stage(params, images):
+    latents = translator.encode(params, images)
+    out = {"latents": latents, "decoded": translator.decode(params, latents)}
+    if kind == "vq":
+      out["tokens"] = translator.tokens(params, images)
+      out["from_tokens"] = translator.decode_tokens(params, out["tokens"])
+    return out
+  out = jax.jit(first_stage)(params, batch["target"])
+  assert out["latents"].shape == (8, 8, 8, translator.latent_channels)
+  np.testing.assert_allclose(np.asarray(mean), np.clip(np.asarray(out["decoded"]), -1, 1),
+                             atol=1e-5)
   if kind == "kl":  # the running std, estimated from the posterior means of the batch
     assert 0.0 < float(params["latent_std"]) != 1.0
   else:
-    tokens = translator.tokens(params, batch["target"])
-    assert tokens.dtype == jnp.int32 and tokens.shape == latents.shape[:-1]
-    np.testing.assert_allclose(np.asarray(translator.decode_tokens(params, tokens)),
-                               np.asarray(translator.decode(params, latents)), atol=1e-5)
+    assert out["tokens"].dtype == jnp.int32 and out["tokens"].shape == (8, 8, 8)
+    np.testing.assert_allclose(np.asarray(out["from_tokens"]), np.asarray(out["decoded"]),
+                               atol=1e-5)
 
 
 def test_space_to_depth_keeps_every_voxel():
@@ -155,14 +161,15 @@ def test_space_to_depth_keeps_every_voxel():
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("vae_run")
-  summary = train.train_and_evaluate(config_lib.load(f"{VAE}:size=tiny"), str(workdir))
+  config = config_lib.load(f"{VAE}:size=tiny", ONE_SAVE)
+  summary = train.train_and_evaluate(config, str(workdir))
   return workdir, summary
 
 
 @pytest.fixture(scope="module")
 def latent_run(vae_run, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("latent_run")
-  config = config_lib.load(f"{LATENT}:size=tiny,vae={vae_run[0]}")
+  config = config_lib.load(f"{LATENT}:size=tiny,vae={vae_run[0]}", ONE_SAVE)
   return workdir, train.train_and_evaluate(config, str(workdir))
 
 
