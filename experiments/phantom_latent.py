@@ -21,8 +21,10 @@ Arguments (FILE.py:NAME=VALUE,…):
   dims    2 (default) | 3: a 3D U-Net on the latents of a 3D VAE (phantom_vae.py:dims=3),
           trained on the VAE's patches, sliding-window evaluation
   size    small (default: the 48×48×32 phantom, a 32-channel two-level U-Net on the 12×12
-          latents, batch 16, 1000 steps) | tiny (32×32×12, 8 channels, 6 steps: the tests);
-          the VAE's size
+          latents, batch 16, 4000 steps: about 10 minutes on a busy 2-core CPU, the latent
+          grid being 16× smaller; on the 1000-step VAE, val PSNR 19.9 dB against the
+          intensity map's 18.4 and the VAE's ceiling 21.6) | tiny (32×32×12, 8 channels, 6
+          steps: the tests); the VAE's size
 """
 
 from medjax import config as config_lib
@@ -48,6 +50,10 @@ def get_config(arg=None):
   # divide by 2 only), attention on the lower one.
   config.model.update(channel_mult=(1, 2), attention_levels=() if arg.size == "tiny" else (1,))
   config.translator.latent_vae = arg.vae
+  if arg.size == "small":  # ~10 steps/s on the 12×12 latents: more steps, same minutes
+    config.train.total_steps = 4000
+    config.eval.every = 2000
+    config.checkpoint.every = 1000
   if arg.dims == 3:
     config.model.update(dims=3, attention_levels=())
     config.data.patch = PATCH[arg.size]
