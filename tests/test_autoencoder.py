@@ -87,17 +87,16 @@ def test_kl_term_matches_a_monte_carlo_estimate():
 
 def test_3d_autoencoder_shapes():
   # shapes only (jax.eval_shape): nothing is compiled
-  for channels, factor in (((8, 8, 8), 4), ((8, 8, 8, 8), 8)):
-    for codebook_size in (0, 16):
-      model = models.build("autoencoder", out_channels=1, channels=channels,
-                           latent_channels=3, codebook_size=codebook_size, dims=3)
-      x = jax.ShapeDtypeStruct((2, 16, 16, 32, 1), jnp.float32)
-      params = jax.eval_shape(model.init, jax.random.key(0), x)
-      encoded = jax.eval_shape(lambda p, x: model.apply(p, x, method="encode"), params, x)
-      latent = (2, 16 // factor, 16 // factor, 32 // factor, 3)
-      for part in (encoded if not codebook_size else (encoded,)):
-        assert part.shape == latent
-      assert jax.eval_shape(model.apply, params, x).shape == x.shape
+  for channels, factor, codebook_size in (((8, 8, 8), 4, 16), ((8, 8, 8, 8), 8, 0)):
+    model = models.build("autoencoder", out_channels=1, channels=channels,
+                         latent_channels=3, codebook_size=codebook_size, dims=3)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 32, 1), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    encoded = jax.eval_shape(lambda p, x: model.apply(p, x, method="encode"), params, x)
+    latent = (2, 16 // factor, 16 // factor, 32 // factor, 3)
+    for part in (encoded if not codebook_size else (encoded,)):
+      assert part.shape == latent
+    assert jax.eval_shape(model.apply, params, x).shape == x.shape
   with pytest.raises(ValueError, match="divisible by 8"):
     jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 12, 16, 16, 1),
                                                                        jnp.float32))
