@@ -102,7 +102,7 @@ def budget_config(spec: str, budget: Budget, steps: int | None = None):
   return config
 
 
-def step_rate(config, mesh=None, *, min_seconds: float = 2.0, max_steps: int = 50) -> float:
+def step_rate(config, mesh=None, *, min_seconds: float = 10.0, max_steps: int = 200) -> float:
   """Training steps per second of `config` here: the jitted step on real batches,
   compiled and warmed up first, then timed (device work included) for at least
   `min_seconds` or `max_steps` steps. Data loading is left out: the grain pipeline runs
