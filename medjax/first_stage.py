@@ -48,14 +48,21 @@ def stage_config(config) -> ml_collections.ConfigDict:
   return base.first_stage_config(config)
 
 
-def embed(config) -> None:
+def embed(config, workdir=None) -> None:
   """Check the first-stage run `config` names and copy its config into
-  `config.translator.first_stage`; nothing to do without one, or once done (a resumed or
-  loaded run carries it). A one-line ConfigError names the key, the folder and what is
-  wrong: missing, not a run, the wrong kind, another target, grid or dimensionality."""
+  `config.translator.first_stage`; nothing to do without one, or once done (a loaded run
+  carries it). Resuming in `workdir`, the copy its config.json took at the start is used
+  (the first stage's parameters are in its checkpoints too), so a run resumes after its
+  first-stage folder has gone. A one-line ConfigError names the key, the folder and what
+  is wrong: missing, not a run, the wrong kind, another target, grid or dimensionality."""
   key = path_key(config)
   if key is None or embedded(config):
     return
+  if workdir is not None and (Path(workdir) / "config.json").is_file():
+    saved = files.read_json(Path(workdir) / "config.json", dict).get("translator", {})
+    if saved.get(KEY) and saved.get(key) == config.translator[key]:
+      config.translator[KEY] = saved[KEY]
+      return
   where = f"translator.{key}={config.translator[key]}"
   folder = Path(config.translator[key]).expanduser()
   kinds = PATH_KEYS[key]

@@ -136,7 +136,8 @@ def _first_process() -> bool:
 def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); the last val summary."""
   mesh = mesh or parallel.mesh_for(config)
-  first_stage.embed(config)  # a two-stage run's first stage, checked and described
+  # a two-stage run's first stage, checked and described (resuming: as the run began)
+  first_stage.embed(config, workdir)
   config_lib.validate(config, num_devices=mesh.size)
   translator = translators.build(config)
   recipe = pipeline.recipe(config)

@@ -65,3 +65,27 @@ def tiny_flow_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("flow_run")
   train.train_and_evaluate(tiny_config("flow"), str(workdir))
   return workdir
+
+
+def _first_stage_run(tmp_path_factory, name: str, arg: str):
+  from medjax import config as config_lib
+  from medjax import train
+  workdir = tmp_path_factory.mktemp(name)
+  config = config_lib.load(f"{ROOT}/experiments/phantom_vae.py:{arg}size=tiny",
+                           {"checkpoint.every": 6})  # the tiny run's 6 steps, one checkpoint
+  summary = train.train_and_evaluate(config, str(workdir))
+  return workdir, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_run(tmp_path_factory):
+  """A tiny trained T2w `vae` run (workdir, summary): the first stage of the latent
+  translators' tests (read, never changed)."""
+  return _first_stage_run(tmp_path_factory, "vae_run", "")
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_run(tmp_path_factory):
+  """A tiny trained T2w `vqvae` run (workdir, summary): the autoregressive translator's
+  tokenizer in the tests (read, never changed)."""
+  return _first_stage_run(tmp_path_factory, "vq_run", "kind=vq,")

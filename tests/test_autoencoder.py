@@ -158,11 +158,8 @@ def test_space_to_depth_keeps_every_voxel():
 # -- a latent flow run on a trained VAE -----------------------------------------
 
 @pytest.fixture(scope="module")
-def vae_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("vae_run")
-  config = config_lib.load(f"{VAE}:size=tiny", ONE_SAVE)
-  summary = train.train_and_evaluate(config, str(workdir))
-  return workdir, summary
+def vae_run(tiny_vae_run):
+  return tiny_vae_run
 
 
 @pytest.fixture(scope="module")

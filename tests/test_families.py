@@ -21,14 +21,30 @@ from conftest import ROOT
 from test_train import saved_params
 
 TINY = "size=tiny"
-# family → the experiment a user trains it from, at the tests' tiny size
+# family → the experiment a user trains it from, at the tests' tiny size; {vae} and {vq}:
+# the tiny first-stage runs of tests/conftest.py
 FAMILIES = {
     "mamba": f"experiments/phantom.py:method=regression,model=mamba,{TINY}",
+    "vae": f"experiments/phantom_vae.py:{TINY}",
+    "vqvae": f"experiments/phantom_vae.py:kind=vq,adversarial=0.1,{TINY}",
+    "latent": f"experiments/phantom_latent.py:vae={{vae}},{TINY}",
 }
+FIRST_STAGES = {"vae": "tiny_vae_run", "vq": "tiny_vq_run"}
 
 
-def family_config(name, steps=4):
-  config = config_lib.load(os.path.join(ROOT, FAMILIES[name]))
+@pytest.fixture
+def specs(request):
+  """FAMILIES with their first-stage folders filled in (the fixtures run only if named)."""
+  def spec(name):
+    text = FAMILIES[name]
+    folders = {key: request.getfixturevalue(fixture)[0] for key, fixture in FIRST_STAGES.items()
+               if "{" + key + "}" in text}
+    return os.path.join(ROOT, text.format(**folders))
+  return spec
+
+
+def family_config(spec, steps=4):
+  config = config_lib.load(spec)
   config.train.total_steps = steps
   config.checkpoint.every = 2
   config.eval.every = steps
@@ -36,16 +52,16 @@ def family_config(name, steps=4):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_a_resumed_run_ends_where_the_straight_run_ends(name, tmp_path):
+def test_a_resumed_run_ends_where_the_straight_run_ends(name, specs, tmp_path):
   """Train 4 steps; copy the run as it stood at its step-2 checkpoint (the later one
   removed, as a crash would leave it) and train it again: the step-4 state (trained and
   EMA parameters, with any frozen first stage) is bit-identical."""
-  config = family_config(name)
+  config = family_config(specs(name))
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(config, str(straight))
   shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("eval", "images"))
   shutil.rmtree(resumed / "checkpoints" / "4")
-  summary = train.train_and_evaluate(family_config(name), str(resumed))
+  summary = train.train_and_evaluate(family_config(specs(name)), str(resumed))
   assert summary["step"] == 4
   ours, theirs = (jax.tree.leaves(saved_params(w, 4)) for w in (straight, resumed))
   assert len(ours) == len(theirs) > 0
@@ -53,7 +69,7 @@ def test_a_resumed_run_ends_where_the_straight_run_ends(name, tmp_path):
     assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_eight_devices_train_every_family_as_one():
+def test_eight_devices_train_every_family_as_one(specs):
   """3 steps of each family on one device and on a 2 (data) × 4 (fsdp) mesh of 8 virtual
   CPU devices: the same losses (rtol 1e-4, float32)."""
   script = textwrap.dedent("""
@@ -85,8 +101,8 @@ def test_eight_devices_train_every_family_as_one():
       """)
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
          + " --xla_force_host_platform_device_count=8"}
-  specs = {name: os.path.join(ROOT, spec) for name, spec in FAMILIES.items()}
-  result = subprocess.run([sys.executable, "-c", script, json.dumps(specs)], cwd=ROOT,
+  every = {name: specs(name) for name in FAMILIES}
+  result = subprocess.run([sys.executable, "-c", script, json.dumps(every)], cwd=ROOT,
                           env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
