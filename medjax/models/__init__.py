@@ -8,6 +8,7 @@ import dataclasses
 
 import flax.linen as nn
 
+from medjax.models.ar_transformer import ARTransformer
 from medjax.models.layers import DTYPES
 from medjax.models.mamba import MambaUNet
 from medjax.models.patchgan import PatchGAN
@@ -16,7 +17,7 @@ from medjax.models.unet import UNet
 from medjax.models.uvit import UViT
 
 MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN, "uvit": UViT,
-          "mamba": MambaUNet}
+          "mamba": MambaUNet, "ar_transformer": ARTransformer}
 
 DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
                     + " | ".join(map(repr, DTYPES)) + "; parameters, norm statistics, "
@@ -88,6 +89,17 @@ OPTIONS = {
         "remat": REMAT,
         "dims": DIMS,
     },
+    "ar_transformer": {  # translator 'autoregressive' only: it sets codebook and factor
+        "dims": (2, "2: slices | 3: volumes; the tokenizer's (translator.tokenizer) dims"),
+        "width": (128, "token width of the encoder–decoder transformer"),
+        "depth": (4, "layers of the encoder and, as many, of the decoder"),
+        "heads": (4, "attention heads (dividing width)"),
+        "mlp_ratio": (4.0, "MLP hidden width over the token width"),
+        "context": (256, "the most tokens a grid may hold (learned positions): the image "
+                         "sides over the tokenizer's factor, multiplied"),
+        "dtype": DTYPE,
+        "remat": REMAT,
+    },
 }
 
 
@@ -109,5 +121,5 @@ def build(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN", "ResNetGenerator", "UNet",
+__all__ = ["ARTransformer", "DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN", "ResNetGenerator", "UNet",
            "UViT", "build"]

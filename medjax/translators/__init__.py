@@ -1,6 +1,7 @@
 """Translators by name: a config picks its method with `translator.name`."""
 
 from medjax.errors import ConfigError
+from medjax.translators.autoregressive import Autoregressive
 from medjax.translators.base import Translator, TrainState
 from medjax.translators.bridge import Bridge
 from medjax.translators.cyclegan import CycleGAN
@@ -9,7 +10,8 @@ from medjax.translators.flow import Flow
 from medjax.translators.pix2pix import Pix2Pix
 from medjax.translators.regression import Regression
 
-TRANSLATORS = {cls.name: cls for cls in (Regression, Flow, Diffusion, Bridge, Pix2Pix, CycleGAN)}
+TRANSLATORS = {cls.name: cls for cls in (Regression, Flow, Diffusion, Bridge, Pix2Pix, CycleGAN,
+                                          Autoregressive)}
 
 
 def build(config) -> Translator:
