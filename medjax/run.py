@@ -21,7 +21,7 @@ import numpy as np
 
 from medjax import baseline as baseline_lib
 from medjax import checkpoint as checkpoint_lib
-from medjax import any2any, files, metrics, parallel, translators
+from medjax import any2any, files, first_stage, metrics, parallel, translators
 from medjax.data import pipeline
 from medjax.data.preprocess import Recipe
 from medjax.errors import ConfigError, UserError, WorkdirError
@@ -141,6 +141,13 @@ def _inference_skeleton(config, recipe: Recipe, mesh):
   return mesh, translator, translator.inference_params(abstract)
 
 
+def first_stage_params(config, mesh):
+  """The inference parameters of the first-stage run `config` names (docs/design.md,
+  "Two-stage runs"), on `mesh` in the shardings a state's leaves get there."""
+  key = first_stage.path_key(config)
+  return Run.load(config.translator[key], mesh=mesh).params
+
+
 @dataclasses.dataclass
 class Run:
   """A run's config, recipe, baseline, translator and inference parameters."""
@@ -194,6 +201,7 @@ class Run:
     """Freshly initialised parameters (timing, tests): the same object as a trained run."""
     mesh = mesh or parallel.mesh_for(config, fallback=True)
     recipe = recipe or pipeline.recipe(config)
+    first_stage.embed(config)
     translator = translators.build(config)
     _, init = create_state(translator, config, mesh, recipe)
     identity = baseline_lib.IntensityMap(np.linspace(-1.0, 1.0, 2, dtype=np.float32),

@@ -20,12 +20,12 @@ from medjax import baseline as baseline_lib
 from medjax import checkpoint as checkpoint_lib
 from medjax import config as config_lib
 from medjax import evaluate as evaluate_lib
-from medjax import any2any, files, lock
+from medjax import any2any, files, first_stage, lock
 from medjax import logging as logging_lib
 from medjax import parallel, translators
 from medjax.data import pipeline
 from medjax.errors import NonFiniteError, WorkdirError
-from medjax.run import CONFIG, Run, create_state, save_artefacts
+from medjax.run import CONFIG, Run, create_state, first_stage_params, save_artefacts
 
 
 def prepare_workdir(config, workdir: str) -> None:
@@ -136,6 +136,7 @@ def _first_process() -> bool:
 def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); the last val summary."""
   mesh = mesh or parallel.mesh_for(config)
+  first_stage.embed(config)  # a two-stage run's first stage, checked and described
   config_lib.validate(config, num_devices=mesh.size)
   translator = translators.build(config)
   recipe = pipeline.recipe(config)
@@ -161,6 +162,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
               f"{moved}; resuming from step {int(state.step)}", file=sys.stderr)
   else:
     state = init()
+    if translator.first_stage_key:  # the frozen first stage, from its own run directory
+      state = translator.attach_first_stage(state, first_stage_params(config, mesh))
   start = int(state.step)
 
   train_step = make_train_step(translator, mesh, abstract)

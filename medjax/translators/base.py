@@ -64,6 +64,10 @@ class Translator:
   options: dict = {}
   # Where the inference parameters sit in the train state: what a trained run restores.
   inference_path: tuple[str, ...] = ("ema_params",)
+  # Two-stage runs (docs/design.md, "Two-stage runs"): the translator.* key naming the
+  # frozen first-stage run, or None. Its parameters sit in ema_params[FIRST_STAGE].
+  first_stage_key: str | None = None
+  out_channels = 1  # the backbone's output channels (a latent translator: the latent's)
 
   @classmethod
   def all_options(cls) -> dict:
@@ -96,7 +100,7 @@ class Translator:
 
   def build_model(self, config):
     model = config.model.to_dict()
-    backbone = models.build(model.pop("name"), out_channels=1, **model)
+    backbone = models.build(model.pop("name"), out_channels=self.out_channels, **model)
     count = len(any2any.modalities(config))
     # Any-to-any: the direction travels in the input channels (docs/design.md,
     # "Any-to-any synthesis"); a one-direction run's backbone is used as it is.
@@ -154,6 +158,11 @@ class Translator:
     return state.replace(step=state.step + 1, params=params, ema_params=ema,
                          opt_state=opt_state), metrics
 
+  def attach_first_stage(self, state, params):
+    """`state` with the trained first stage's inference `params` in place of the random
+    init `init` gave it: done once, when a two-stage run starts training."""
+    raise NotImplementedError(f"{self.name} has no first stage")
+
   def inference_params(self, state):
     for key in self.inference_path:
       state = getattr(state, key) if hasattr(state, key) else state[key]
@@ -165,6 +174,19 @@ class Translator:
     rngs = {"dropout": rng} if (train and rng is not None) else None
     out = self.model.apply({"params": params}, x, t, source, train=train, rngs=rngs)
     return out.astype(jnp.float32)
+
+
+# The config key a two-stage translator declares beside its path key: `medjax train`
+# copies the first-stage run's config into it (medjax/first_stage.py), and the same name
+# holds the first stage's frozen parameters in the state's ema_params.
+FIRST_STAGE = "first_stage"
+FIRST_STAGE_OPTION = {FIRST_STAGE: ({}, "the first-stage run's config, copied by medjax train "
+                                        "(leave empty)")}
+
+
+def first_stage_config(config) -> ml_collections.ConfigDict:
+  """The first-stage run's config a two-stage config carries (to build its translator)."""
+  return ml_collections.ConfigDict(config.translator[FIRST_STAGE].to_dict())
 
 
 def per_example(values, like):
