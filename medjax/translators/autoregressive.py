@@ -12,7 +12,7 @@ cross-attention keys/values computed once per draw), and draws from softmax(logi
 restricted to the `top_k` most likely codes; the tokenizer's decoder then turns the grid
 into an image. K draws give the mean and std (`base.Translator.translate`).
 
-Parameters (docs/design.md, "Autoencoders and latent translators", the frozen first stage):
+Parameters (docs/design.md, "Two-stage runs"):
 `TrainState.params` is the transformer alone; `ema_params` = {"net": its EMA,
 "first_stage": the tokenizer's frozen inference parameters}, the inference parameters,
 carried through every step bit for bit and never differentiated.
@@ -30,7 +30,7 @@ from medjax import models
 from medjax.models import ar_transformer
 from medjax.translators import base
 
-NET, FIRST_STAGE = "net", "first_stage"  # first_stage.KEY
+NET, FIRST_STAGE = "net", base.FIRST_STAGE
 
 
 def sample_token(logits, key, temperature: float, top_k: int):
@@ -52,25 +52,14 @@ def cross_entropy(logits, tokens):
 
 def image_sides(config) -> tuple[int, ...] | None:
   """The sides of the images the model sees, from the config alone: a 3D run's patch, a
-  phantom's slice; None for 2D shards (their recipe's grid, known when sampled)."""
+  phantom's slice; None for 2D shards (their recipe's grid: known once sampled, and
+  checked against model.context when the trainer first builds the state)."""
   patch = tuple(config.data.get("patch", ()))
   if patch:
     return patch
   if config.data.kind == "phantom":
     return tuple(config.data.phantom.shape)[:2]
   return None
-
-
-def shards_sides(config) -> tuple[int, ...] | None:
-  """A 2D shards run's slice size from its recipe, None when the folder is gone (a trained
-  run used without its data: the size is then learned from the first image sampled)."""
-  if config.data.kind != "shards" or not config.data.dir:
-    return None
-  from medjax.data import pipeline
-  try:
-    return tuple(pipeline.recipe(config).size)
-  except Exception:  # noqa: BLE001 -- any unreadable folder: decided when sampling
-    return None
 
 
 class Autoregressive(base.Translator):
@@ -83,6 +72,7 @@ class Autoregressive(base.Translator):
                         "sampled tokens into the image; copied into this run's parameters"),
       "temperature": (1.0, "sampling temperature of the token softmax (0: argmax)"),
       "top_k": (0, "sample among the k most likely codes only (0: all codes)"),
+      **base.FIRST_STAGE_OPTION,
   }
 
   def __init__(self, config, tokenizer=None):
@@ -96,16 +86,19 @@ class Autoregressive(base.Translator):
     if not 0 <= self.top_k <= self.tokenizer.codebook_size:
       raise ValueError(f"translator.top_k={self.top_k} must lie in [0, the codebook size "
                        f"{self.tokenizer.codebook_size}]")
-    self.sides = image_sides(config) or shards_sides(config)
+    self.sides = image_sides(config)
     if self.sides is not None:  # else checked when the model first sees an image
       self.model.grid((1, *self.sides, 1))
 
   def build_tokenizer(self, config):
-    from medjax import first_stage, translators
+    from medjax import translators  # the registry (this package's __init__)
     if not config.translator.get("tokenizer", ""):
       raise ValueError("translator.tokenizer is empty: set it to a vqvae run directory "
                        "(train one with experiments/phantom_vae.py:kind=vq)")
-    return translators.build(first_stage.stage_config(config))
+    if not config.translator.get(FIRST_STAGE):
+      raise ValueError(f"translator.tokenizer={config.translator.tokenizer} is not read yet "
+                       "(first_stage.embed(config) checks and copies it)")
+    return translators.build(base.first_stage_config(config))
 
   def build_model(self, config):
     model = config.model.to_dict()
@@ -131,8 +124,8 @@ class Autoregressive(base.Translator):
     is fixed by the image and the tokenizer's factor). The tokenizer's decoder, run once
     at the end, is not counted."""
     if self.sides is None:
-      raise ValueError("nfe of an autoregressive run on 2D shards is known once it has "
-                       "sampled an image")
+      raise ValueError("the network evaluations of an autoregressive run on 2D shards are "
+                       "known once it has sampled an image")
     return int(math.prod(self.model.grid((1, *self.sides, 1)))) + 1
 
   # -- training ------------------------------------------------------------------------------
