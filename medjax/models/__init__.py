@@ -9,6 +9,7 @@ import dataclasses
 import flax.linen as nn
 
 from medjax.models.ar_transformer import ARTransformer
+from medjax.models.autoencoder import AutoEncoder
 from medjax.models.layers import DTYPES
 from medjax.models.mamba import MambaUNet
 from medjax.models.patchgan import PatchGAN
@@ -17,7 +18,7 @@ from medjax.models.unet import UNet
 from medjax.models.uvit import UViT
 
 MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN, "uvit": UViT,
-          "mamba": MambaUNet, "ar_transformer": ARTransformer}
+          "mamba": MambaUNet, "autoencoder": AutoEncoder, "ar_transformer": ARTransformer}
 
 DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
                     + " | ".join(map(repr, DTYPES)) + "; parameters, norm statistics, "
@@ -100,6 +101,15 @@ OPTIONS = {
         "dtype": DTYPE,
         "remat": REMAT,
     },
+    "autoencoder": {
+        "channels": ((32, 64, 64), "width per level, one downsampling between levels: 3 "
+                                   "levels = 4×, 4 levels = 8× smaller latents (vae, vqvae)"),
+        "num_res_blocks": (1, "residual blocks per level, encoder and decoder"),
+        "latent_channels": (4, "channels of the latent grid (the codes' dimension for vqvae)"),
+        "dtype": DTYPE,
+        "remat": REMAT,
+        "dims": DIMS,
+    },
 }
 
 
@@ -121,5 +131,6 @@ def build(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["ARTransformer", "DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN", "ResNetGenerator", "UNet",
+__all__ = ["ARTransformer", "AutoEncoder", "DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN",
+           "ResNetGenerator", "UNet",
            "UViT", "build"]

@@ -2,6 +2,7 @@
 
 from medjax.errors import ConfigError
 from medjax.translators.autoregressive import Autoregressive
+from medjax.translators.autoencoder import VAE, VQVAE
 from medjax.translators.base import Translator, TrainState
 from medjax.translators.bridge import Bridge
 from medjax.translators.cyclegan import CycleGAN
@@ -11,7 +12,7 @@ from medjax.translators.pix2pix import Pix2Pix
 from medjax.translators.regression import Regression
 
 TRANSLATORS = {cls.name: cls for cls in (Regression, Flow, Diffusion, Bridge, Pix2Pix, CycleGAN,
-                                          Autoregressive)}
+                                          VAE, VQVAE, Autoregressive)}
 
 
 def build(config) -> Translator:
