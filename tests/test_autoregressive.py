@@ -1,13 +1,18 @@
 """The autoregressive translator: KV-cached sampling, causality, top-k and temperature, the
 teacher-forced loss, learning and sampling on the phantom, bad configs."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from medjax import config as config_lib
+from medjax import run as run_lib
+from medjax import train
 from medjax.data import pipeline
+from medjax.errors import ConfigError
 from medjax.translators import autoregressive as ar
 from medjax.translators import base
 
@@ -166,3 +171,45 @@ def test_bad_options_are_one_line_errors():
     build(temperature=-1.0)
   with pytest.raises(ValueError, match="model.dims=2 but the tokenizer .* works on dims=3"):
     ar.Autoregressive(ar_config(), tokenizer=PoolTokenizer(dims=3))
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+  """A tiny trained vqvae run: the tokenizer of the two-stage tests."""
+  workdir = tmp_path_factory.mktemp("vq_run")
+  train.train_and_evaluate(config_lib.load(f"{ROOT}/experiments/phantom_vae.py:kind=vq,size=tiny"),
+                           str(workdir))
+  return workdir
+
+
+def test_a_tiny_run_on_a_trained_tokenizer_keeps_it_frozen(vq_run, tmp_path):
+  config = config_lib.load(f"{EXPERIMENT}:size=tiny,tokenizer={vq_run}")
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(summary["model"]["psnr"]) and summary["nfe_per_sample"] == 64 + 1
+  trained, tokenizer = run_lib.Run.load(tmp_path), run_lib.Run.load(vq_run)
+  # The first stage sits in the run's inference parameters, bit for bit its own run's.
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.tree.map(np.asarray, trained.params[ar.FIRST_STAGE]),
+               jax.tree.map(np.asarray, tokenizer.params))
+  assert trained.config.translator.first_stage.translator.name == "vqvae"
+
+
+def test_bad_tokenizers_are_one_line_config_errors(vq_run, tmp_path):
+  def error(tokenizer, **model):
+    config = config_lib.load(f"{EXPERIMENT}:size=tiny,tokenizer={tokenizer}")
+    config_lib.override(config, {f"model.{k}": v for k, v in model.items()})
+    with pytest.raises(ConfigError) as caught:
+      train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+  assert "translator.tokenizer=" in error(tmp_path / "missing") and "no such run" in error(
+      tmp_path / "missing")
+  flow = tmp_path / "flow_run"
+  flow.mkdir()
+  saved = json.loads((vq_run / "config.json").read_text())
+  saved["translator"] = {"name": "flow"}
+  (flow / "config.json").write_text(json.dumps(saved))
+  assert "a 'flow' run, not a vqvae run" in error(flow)
+  assert "(64 tokens) is longer than model.context=16" in error(vq_run, context=16)
+  assert "translator.tokenizer is empty" in error("")
