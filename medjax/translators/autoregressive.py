@@ -75,6 +75,13 @@ class Autoregressive(base.Translator):
       **base.FIRST_STAGE_OPTION,
   }
 
+  @classmethod
+  def all_options(cls) -> dict:
+    options = super().all_options()
+    options["sample_steps"] = (1, "not used: a draw takes one decoder step per token (the "
+                                  "image sides over the tokenizer's factor, multiplied)")
+    return options
+
   def __init__(self, config, tokenizer=None):
     # `tokenizer`: the first-stage translator, for tests; else the config's frozen vqvae.
     self.tokenizer = tokenizer if tokenizer is not None else self.build_tokenizer(config)
