@@ -5,14 +5,16 @@ Encoder: the source image → a convolution with kernel = stride = the tokenizer
 (one vector per token of the target's grid) → learned positions → `depth` bidirectional
 pre-LN layers → LayerNorm: the memory. Decoder: the target tokens in raster (row-major)
 order shifted right behind a BOS token (id `codebook_size`) → token + learned position
-embeddings → `depth` pre-LN layers (causal self-attention, cross-attention to the memory,
-GELU MLP) → LayerNorm → logits over the codebook.
+embeddings + the memory vector of the same grid cell (the source and target grids are
+aligned: position i, which predicts token i, reads the source where token i lies) →
+`depth` pre-LN layers (causal self-attention, cross-attention to the whole memory, GELU
+MLP) → LayerNorm → logits over the codebook.
 
 Three entry points share the parameters (`setup`), all pure:
   `__call__(source, tokens)`        teacher forcing: (B, N, V) logits, every position at once;
-  `encode(source)`                  the cross-attention keys/values of every decoder layer,
-                                    computed once per sample;
-  `decode_step(token, i, cache, cross)` position i's logits from token i−1 and the explicit
+  `encode(source)`                  the memory and the cross-attention keys/values of every
+                                    decoder layer, computed once per sample;
+  `decode_step(token, i, cache, context)` position i's logits from token i−1 and the explicit
                                     self-attention KV cache (`empty_cache`), which it returns
                                     updated: what the sampler scans over.
 Attention is written out (not flax's MultiHeadDotProductAttention) so the cache is a plain
@@ -199,20 +201,23 @@ class ARTransformer(nn.Module):
       raise ValueError(f"{tokens.shape[1]} target tokens for a source grid of "
                        f"{memory.shape[1]}")
     bos = jnp.full((tokens.shape[0], 1), self.codebook_size, tokens.dtype)
-    h = self.embed(jnp.concatenate([bos, tokens[:, :-1]], axis=1))
+    h = self.embed(jnp.concatenate([bos, tokens[:, :-1]], axis=1)) + memory
     for layer in self.decoder:
       h = layer(h, memory)
     return self.head(h)
 
   def encode(self, source):
-    """Every decoder layer's cross-attention (k, v) of the source: once per sample."""
+    """(memory, every decoder layer's cross-attention (k, v)): once per sample."""
     memory = self.memory(source)
-    return tuple(layer.cross_keys_values(memory) for layer in self.decoder)
+    return memory, tuple(layer.cross_keys_values(memory) for layer in self.decoder)
 
-  def decode_step(self, token, position, cache, cross):
+  def decode_step(self, token, position, cache, context):
     """Logits (B, V) of the token at `position` given token `position` − 1 (BOS at 0),
-    with the cache of positions before it; returns (logits, updated cache)."""
+    with the cache of positions before it and `encode`'s context; returns (logits,
+    updated cache)."""
+    memory, cross = context
     h = self.embed(token[:, None], position)
+    h = h + jax.lax.dynamic_slice_in_dim(memory, position, 1, axis=1)
     new_cache = []
     for layer, layer_cache, layer_cross in zip(self.decoder, cache, cross):
       h, layer_cache = layer.step(h, position, layer_cache, layer_cross)

@@ -194,11 +194,11 @@ class Autoregressive(base.Translator):
     grid = self.model.grid(source.shape)
     self.sides = tuple(source.shape[1:-1])
     batch, n = source.shape[0], math.prod(grid)
-    cross = self.apply(params, source, method="encode")
+    context = self.apply(params, source, method="encode")  # memory, cross-attention k/v
 
     def step(carry, position):
       cache, previous = carry
-      logits, cache = self.apply(params, previous, position, cache, cross,
+      logits, cache = self.apply(params, previous, position, cache, context,
                                  method="decode_step")
       token = sample_token(logits, jax.random.fold_in(rng, position), self.temperature,
                            self.top_k)
