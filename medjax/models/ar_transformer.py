@@ -5,8 +5,9 @@ Encoder: the source image → a convolution with kernel = stride = the tokenizer
 (one vector per token of the target's grid) → learned positions → `depth` bidirectional
 pre-LN layers → LayerNorm: the memory. Decoder: the target tokens in raster (row-major)
 order shifted right behind a BOS token (id `codebook_size`) → token + learned position
-embeddings + the memory vector of the same grid cell (the source and target grids are
-aligned: position i, which predicts token i, reads the source where token i lies) →
+embeddings + a projection (zero-initialised) of the memory vector of the same grid cell
+(the source and target grids are aligned: position i, which predicts token i, reads the
+source where token i lies) →
 `depth` pre-LN layers (causal self-attention, cross-attention to the whole memory, GELU
 MLP) → LayerNorm → logits over the codebook.
 
@@ -160,6 +161,9 @@ class ARTransformer(nn.Module):
     self.source_position = self.param("source_position", init, (self.context, self.width))
     self.token_position = self.param("token_position", init, (self.context, self.width))
     self.token_embed = nn.Embed(self.codebook_size + 1, self.width, embedding_init=init)
+    # Zero-initialised: the unit-scale memory would otherwise drown the 0.02-scale token
+    # embedding at the start (the decoder then learns the previous token slowly).
+    self.source_in = nn.Dense(self.width, kernel_init=zeros_init, dtype=dtype)
     # Named by attribute (encoder_0, …), so remat leaves the parameter tree as is.
     encoder = maybe_remat(EncoderLayer, self.remat)
     decoder = maybe_remat(DecoderLayer, self.remat)
@@ -201,7 +205,7 @@ class ARTransformer(nn.Module):
       raise ValueError(f"{tokens.shape[1]} target tokens for a source grid of "
                        f"{memory.shape[1]}")
     bos = jnp.full((tokens.shape[0], 1), self.codebook_size, tokens.dtype)
-    h = self.embed(jnp.concatenate([bos, tokens[:, :-1]], axis=1)) + memory
+    h = self.embed(jnp.concatenate([bos, tokens[:, :-1]], axis=1)) + self.source_in(memory)
     for layer in self.decoder:
       h = layer(h, memory)
     return self.head(h)
@@ -217,7 +221,7 @@ class ARTransformer(nn.Module):
     updated cache)."""
     memory, cross = context
     h = self.embed(token[:, None], position)
-    h = h + jax.lax.dynamic_slice_in_dim(memory, position, 1, axis=1)
+    h = h + self.source_in(jax.lax.dynamic_slice_in_dim(memory, position, 1, axis=1))
     new_cache = []
     for layer, layer_cache, layer_cross in zip(self.decoder, cache, cross):
       h, layer_cache = layer.step(h, position, layer_cache, layer_cross)
