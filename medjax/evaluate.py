@@ -86,7 +86,8 @@ def work_units(run, shape, *, overlap=None, tta=None) -> int:
 
 def predict_volume(run, source: np.ndarray, rng, *, overlap: float | None = None,
                    tta: str | None = None, batch_size: int | None = None, on_batch=None,
-                   steps: int | None = None, samples: int | None = None) -> Prediction:
+                   steps: int | None = None, samples: int | None = None,
+                   ceiling: bool = False) -> Prediction:
   """A (Z, H, W, Cs) volume's prediction (Z, H, W, 1): what evaluation scores and what
   `medjax translate` writes (docs/design.md, "Sliding windows, TTA and ensembles").
 
@@ -95,11 +96,12 @@ def predict_volume(run, source: np.ndarray, rng, *, overlap: float | None = None
   key of batch i `fold_in(rng, i)`. `tta='flip'`: also on the volume mirrored along
   `mirror_axes`, combined by the mixture law; member 0 (no mirror) draws with `rng`,
   member k with `fold_in(rng, k)`, so 'none' is exactly member 0. Unset settings are
-  the run's (`eval.overlap`, `eval.tta`, `eval.batch_size`).
+  the run's (`eval.overlap`, `eval.tta`, `eval.batch_size`). `ceiling`: the translator's
+  `reference` of `source` (the real target) instead of its translation.
   """
   overlap, tta = inference_settings(run.config, overlap, tta)
   batch_size = batch_size or run.config.eval.batch_size
-  translate_fn = run.translate_fn(steps, samples)
+  translate_fn = run.translate_fn(steps, samples, ceiling=ceiling)
   sharding = parallel.batch_sharding(run.mesh)
 
   def one(volume, key):
@@ -250,6 +252,14 @@ def _score(run, volumes, target_modality: str, rng, *, steps, samples, batch_siz
       if truth is not None:
         scores = metrics.score(pred, truth, mask, protocol=protocol)
         row.update({f"{name}_aligned_{k}": v for k, v in scores.items()})
+    if run.translator.has_ceiling:
+      # e.g. a latent translator's VAE reconstruction of the real target, through the same
+      # slicing and windows (docs/design.md, "Evaluation protocols").
+      reference = predict_volume(run, volume.target, jax.random.fold_in(rng, i),
+                                 overlap=overlap, tta=tta, batch_size=batch_size,
+                                 steps=steps, samples=samples, ceiling=True)
+      scores = metrics.score(physical(reference.mean), target, mask, protocol=protocol)
+      row.update({f"ceiling_{k}": v for k, v in scores.items()})
     rows.append(row)
     if progress is not None:
       progress(i + 1, len(volumes))
@@ -257,12 +267,15 @@ def _score(run, volumes, target_modality: str, rng, *, steps, samples, batch_siz
 
 
 def summarise(rows: list[dict]) -> dict:
-  """{"model": {"mae": mean, "mae_std": …, "mae_median": …}, "baseline": {…}}, and with
-  segmentation columns {"segmentation": {"dice_real_mean": {mean, std, median, n}, …}}."""
+  """{"model": {"mae": mean, "mae_std": …, "mae_median": …}, "baseline": {…}}, with
+  `ceiling_*` columns a "ceiling" block alike, and with segmentation columns
+  {"segmentation": {"dice_real_mean": {mean, std, median, n}, …}}."""
   out = {"model": {}, "baseline": {}}
   for column, stats in metrics.summarise(rows).items():
     name, key = column.split("_", 1)
-    if name not in ("model", "baseline"):  # dice_*: the segmenter's, a block of its own
+    if name == "ceiling":
+      out.setdefault("ceiling", {})
+    if name not in ("model", "baseline", "ceiling"):  # dice_*: the segmenter's, a block of its own
       out.setdefault("segmentation", {})[column] = stats
       continue
     out[name].update({key: stats["mean"], f"{key}_std": stats["std"],
@@ -307,8 +320,9 @@ def evaluate_run(run, split: str, *, writer=None, prefix: str | None = None,
                                     spacing=run.recipe.spacing, source_channel=channel),
         protocol=summary["protocol"])
     if writer is not None:
-      scalars = {f"{name}_{k}": v for name in ("model", "baseline")
-                 for k, v in summary[name].items() if not k.endswith(("_std", "_median"))}
+      scalars = {f"{name}_{k}": v for name in ("model", "baseline", "ceiling")
+                 for k, v in summary.get(name, {}).items()
+                 if not k.endswith(("_std", "_median"))}
       writer.write(run.step, scalars, prefix=split)
       writer.image(run.step, f"{split}/grid", image)
   return summary
@@ -321,7 +335,9 @@ def format_summary(summary: dict) -> str:
   lines = [f"held-out {summary['split']} ({summary['subjects']} subjects, step {summary['step']},"
            f" {summary['protocol']}{unit}):",
            f"  {'':10s}" + "".join(f"{k:>{width}s}" for k in keys)]
-  for name in ("model", "baseline"):
+  for name in ("model", "baseline", "ceiling"):
+    if name not in summary:
+      continue
     cells = "".join(f"{summary[name][k]:10.4f} ±{summary[name][k + '_std']:<5.3f}"[:16]
                     .rjust(width) for k in keys)
     lines.append(f"  {name:10s}{cells}")

@@ -217,13 +217,16 @@ class Run:
   def protocol(self) -> str:
     return metrics.protocol_for(self.target)
 
-  def translate_fn(self, steps: int | None = None, samples: int | None = None):
-    """The jitted `translate` at these sampling settings (the run's own by default)."""
+  def translate_fn(self, steps: int | None = None, samples: int | None = None, *,
+                   ceiling: bool = False):
+    """The jitted `translate` at these sampling settings (the run's own by default);
+    `ceiling`: the translator's `reference` of the real target instead."""
     steps = steps or self.config.translator.sample_steps
     samples = samples or self.config.translator.samples
-    key = (steps, samples)
+    key = (steps, samples, ceiling)
     if key not in self._compiled:
-      fn = functools.partial(self.translator.translate, steps=steps, samples=samples)
+      method = self.translator.reference if ceiling else self.translator.translate
+      fn = functools.partial(method, steps=steps, samples=samples)
       # Parameters stay where training (or the restore) put them, sharded along fsdp
       # or not; XLA gathers what each step needs. Slices are split along the batch axes.
       params = parallel.state_shardings(self.params, self.mesh)

@@ -76,3 +76,40 @@ def test_a_cached_result_is_reused_only_at_its_own_budget(tmp_path, monkeypatch)
       compare.run_one(spec, str(tmp_path), other)
   assert [c.train.total_steps for c, _ in trained] == [5, 4]
   assert trained[0][1] != str(workdir)  # another budget: another workdir, never the old run
+
+
+def test_a_time_budget_becomes_steps_once_and_charges_the_first_stage(tmp_path, monkeypatch):
+  """--train-seconds: steps = seconds × this machine's measured rate, planned once per
+  workdir (a rerun reads budget.json, never re-measures); a two-stage run's budget is
+  what its first stage's logged training time left."""
+  monkeypatch.chdir(ROOT)
+  spec = "experiments/phantom.py:method=regression,size=tiny"
+  config = compare.budget_config(spec, compare.Budget(train_steps=4))
+  rate = compare.step_rate(config, min_seconds=0.1, max_steps=4)  # the real, jitted step
+  assert 0 < rate < float("inf")
+
+  budget = compare.Budget(train_seconds=30, sweep_steps=())
+  monkeypatch.setattr(compare, "step_rate", lambda config, mesh=None: 2.5)
+  workdir = tmp_path / "run"
+  plan = compare.timed_steps(spec, budget, str(workdir), log=lambda line: None)
+  assert plan["steps"] == 75 and plan["first_stage_s"] == 0.0
+  monkeypatch.setattr(compare, "step_rate", lambda config, mesh=None: 1 / 0)
+  assert compare.timed_steps(spec, budget, str(workdir), log=lambda line: None) == plan
+  assert budget.workdir_name(config) == f"seconds30_bs{config.train.batch_size}"
+
+  # a first stage that trained 20 s (two log points: 10 steps at 1 step/s, 20 at 2)
+  stage = tmp_path / "vae"
+  stage.mkdir()
+  (stage / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+      {"split": "train", "step": 10, "steps_per_s": 1.0},
+      {"split": "train", "step": 30, "steps_per_s": 2.0})))
+  staged = compare.budget_config(spec, budget)
+  with staged.unlocked():
+    staged.translator.latent_vae = str(stage)
+  monkeypatch.setattr(compare, "budget_config", lambda spec, budget, steps=None: staged)
+  monkeypatch.setattr(compare, "step_rate", lambda config, mesh=None: 2.5)
+  plan = compare.timed_steps(spec, budget, str(tmp_path / "latent"), log=lambda line: None)
+  assert plan["first_stage_s"] == 20.0 and plan["steps"] == 25
+  with pytest.raises(ValueError, match="first stage alone trained 20 s"):
+    compare.timed_steps(spec, compare.Budget(train_seconds=15), str(tmp_path / "x"),
+                        log=lambda line: None)

@@ -33,7 +33,9 @@ VARIANTS = (
        "phantom.py:target=ct,misalign=2,registration=deformable"]
     + ["phantom_any2any.py", "phantom_any2any.py:method=bridge,model=uvit,size=tiny",
        "phantom.py:source=t1w+t2w+pd,target=flair", "brats_any2any.py",
-       "brats_any2any.py:method=i2sb"])
+       "brats_any2any.py:method=i2sb"]
+    + ["phantom_vae.py", "phantom_vae.py:kind=vq,dims=3,factor=8,adversarial=0.1",
+       "phantom_vae.py:target=ct,size=tiny,adversarial=0.1"])
 
 
 def load(spec: str):

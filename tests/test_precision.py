@@ -28,6 +28,9 @@ SPECS = {
                  num_heads=2),
     "resnet": dict(out_channels=1, channels=4, num_blocks=2),
     "patchgan": dict(channels=8, num_layers=2),
+    # selective scans (float32 inside), LayerNorm, Dense projections, the causal conv
+    "mamba": dict(out_channels=1, channels=8, channel_mult=(1, 2), d_state=4, expand=1,
+                  num_groups=4),
 }
 REMAT_PRIMITIVES = {"checkpoint", "remat", "remat2"}  # jax.checkpoint's name across versions
 # XLA:CPU would otherwise undo remat (see the remat test); GPUs and TPUs keep its barriers.
@@ -43,7 +46,7 @@ def _inputs(seed=0):
 
 def _args(name):
   x, t, source = _inputs()
-  if name == "unet":
+  if name in ("unet", "mamba"):
     return (x, t, source)
   if name == "patchgan":
     return (jnp.concatenate([x, source], -1),)

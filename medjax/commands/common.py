@@ -104,6 +104,13 @@ def positive_int(text: str) -> int:
   return value
 
 
+def positive_float(text: str) -> float:
+  value = non_negative_float(text)
+  if value == 0:
+    raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+  return value
+
+
 def non_negative_float(text: str) -> float:
   try:
     value = float(text)

@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
                       help="training steps of every method (default 300); an any-to-any "
                            "experiment over M modalities gets M times as many, the total "
                            "of M dedicated runs")
+  parser.add_argument("--train-seconds", type=common.positive_float, metavar="S",
+                      help="a wall-clock budget instead of --train-steps: each experiment's "
+                           "step rate is measured here first and its steps set to fill S "
+                           "seconds (a two-stage run is charged its first stage's time)")
   parser.add_argument("--batch-size", type=common.positive_int,
                       help="training batch of every method (default: each experiment's)")
   parser.add_argument("--samples", type=common.positive_int,
@@ -41,7 +45,8 @@ def run(args) -> int:
   from medjax import compare, parallel
   parallel.enable_compilation_cache()
   budget = compare.Budget(
-      train_steps=args.train_steps, batch_size=args.batch_size, samples=args.samples,
+      train_steps=args.train_steps, train_seconds=args.train_seconds,
+      batch_size=args.batch_size, samples=args.samples,
       sweep_steps=tuple(int(s) for s in args.sweep_steps.split(",") if s.strip()),
       sweep_subjects=args.sweep_subjects, image_slices=args.image_slices)
   compare.compare(args.experiments, args.workdir, budget,

@@ -8,6 +8,7 @@ from medjax.translators.bridge import Bridge
 from medjax.translators.cyclegan import CycleGAN
 from medjax.translators.diffusion import Diffusion
 from medjax.translators.flow import Flow
+from medjax.translators.latent import wrap as latent_wrap
 from medjax.translators.pix2pix import Pix2Pix
 from medjax.translators.regression import Regression
 
@@ -20,8 +21,11 @@ def build(config) -> Translator:
   name = config.translator.name
   if name not in TRANSLATORS:
     raise ConfigError(f"translator.name={name!r}; known: {', '.join(sorted(TRANSLATORS))}")
+  cls = TRANSLATORS[name]
   try:
-    return TRANSLATORS[name](config)
+    if config.translator.get("latent_vae"):  # in a VAE's latent space (translators/latent.py)
+      cls = latent_wrap(cls)
+    return cls(config)
   except ValueError as error:
     raise ConfigError(str(error)) from None
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medjax import models
+from medjax import modalities, models
 from medjax.models import autoencoder as ae
 from medjax.translators import base, gan
 
@@ -57,6 +57,10 @@ class AutoEncoding(base.Translator):
     if config.model.name != "autoencoder":
       raise ValueError(f"translator.name={self.name!r} trains model.name='autoencoder', "
                        f"not {config.model.name!r}")
+    sources = modalities.as_tuple(config.data.source)
+    if sources != (config.data.target,):
+      raise ValueError(f"translator.name={self.name!r} reconstructs its input: data.source "
+                       f"must be data.target ({config.data.target}), got {list(sources)}")
     super().__init__(config)
     if self.registration is not None:
       raise ValueError(f"train.registration={config.train.registration!r}: an autoencoder "

@@ -68,6 +68,10 @@ class Translator:
   # frozen first-stage run, or None. Its parameters sit in ema_params[FIRST_STAGE].
   first_stage_key: str | None = None
   out_channels = 1  # the backbone's output channels (a latent translator: the latent's)
+  clip_x0 = True  # samplers clip their clean estimate to the image range [-1, 1]
+  # True: `reference` gives an image of the target the evaluation scores as `ceiling`
+  # beside model and baseline (a latent translator: its VAE's reconstruction).
+  has_ceiling = False
 
   @classmethod
   def all_options(cls) -> dict:
@@ -124,6 +128,11 @@ class Translator:
                         jax.random.split(rng, samples))
     draws = jnp.clip(draws, -1.0, 1.0)
     return draws.mean(0), draws.std(0)
+
+  def reference(self, params, target, rng=None, *, steps=None, samples=1):
+    """(mean, std) of what bounds the method from above, computed from the real target
+    (`has_ceiling`; docs/design.md, "Evaluation protocols")."""
+    raise NotImplementedError(f"{self.name} has no ceiling")
 
   def nfe(self, steps: int | None) -> int:
     """Network evaluations per sample for `steps` sampling steps."""

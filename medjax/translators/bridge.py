@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import any2any, modalities
-from medjax.translators import base
+from medjax.translators import base, latent
 
 BRIDGES = ("brownian", "i2sb")
 T_MIN = 1e-3  # I2SB's prediction divides by σ_t, which vanishes at t = 0
@@ -57,6 +57,7 @@ def i2sb_clock(t, beta_min: float = 1e-4, beta_max: float = 3e-4):
 class Bridge(base.Translator):
   name = "bridge"
   stochastic = True
+  start_channels = 0
   options = {
       "bridge": ("brownian", "'brownian' (BBDM: m_t = t, L1 on the residual) | 'i2sb' "
                              "(I2SB's Schrödinger bridge clock, L2)"),
@@ -64,6 +65,7 @@ class Bridge(base.Translator):
                                "I2SB: about 0.034)"),
       "eta": (1.0, "posterior noise: 1 samples the bridge posterior (BBDM, I2SB), 0 is "
                    "deterministic"),
+      **latent.OPTIONS,
   }
 
   def __init__(self, config):
@@ -90,6 +92,8 @@ class Bridge(base.Translator):
     return (1.0 - m) * target + m * source + jnp.sqrt(self.variance(m)) * noise
 
   def _start(self, source):
+    if self.start_channels:  # a latent bridge: its conditioning starts with the start
+      return source[..., :self.start_channels]
     count = len(any2any.modalities(self.config))
     if count:
       # Any-to-any: the bridge ends on the mean of the available modalities (the source
@@ -131,7 +135,8 @@ class Bridge(base.Translator):
       t, s, key = inputs
       m_t, m_s = self.clock(t), self.clock(s)
       pred = self.apply(params, x_t, jnp.full(source.shape[:1], t), source, train=False)
-      x0 = jnp.clip(x_t - self._scale(m_t) * pred, -1.0, 1.0)
+      x0 = x_t - self._scale(m_t) * pred
+      x0 = jnp.clip(x0, -1.0, 1.0) if self.clip_x0 else x0
       var_t, var_s = self.variance(m_t), self.variance(m_s)
       # At t = 1 the bridge is pinned (var_t = 0): no noise is implied and ε̂ = 0.
       eps = jnp.where(var_t > 0, (x_t - (1 - m_t) * x0 - m_t * start)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.translators import base
+from medjax.translators import base, latent
 
 PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "cosine")
@@ -68,6 +68,7 @@ class Diffusion(base.Translator):
       "timesteps": (1000, "length T of the training chain"),
       "sampler": ("ddim", "'ddpm' (ancestral) | 'ddim'"),
       "eta": (0.0, "DDIM noise: 0 deterministic, 1 ancestral"),
+      **latent.OPTIONS,
   }
 
   def __init__(self, config):
@@ -102,7 +103,8 @@ class Diffusion(base.Translator):
     return self.pixel_mean((pred - goal) ** 2, batch), {}
 
   def predict_x0_eps(self, params, x_t, t, source):
-    """(x̂0, ε̂) from one network evaluation; x̂0 clipped to the data range [-1, 1]."""
+    """(x̂0, ε̂) from one network evaluation; x̂0 clipped to the data range [-1, 1]
+    (images, not latents: `clip_x0`)."""
     pred = self._network(params, x_t, jnp.full(source.shape[:1], t), source, train=False)
     a = self.alpha_bar[t]
     if self.prediction == "eps":
@@ -111,7 +113,8 @@ class Diffusion(base.Translator):
       x0 = pred
     else:
       x0 = jnp.sqrt(a) * x_t - jnp.sqrt(1.0 - a) * pred
-    x0 = jnp.clip(x0, -1.0, 1.0)
+    if self.clip_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
     # ε̂ recomputed from the clipped x̂0 keeps the two consistent with x_t (as guided diffusion).
     eps = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
     return x0, eps
@@ -123,7 +126,7 @@ class Diffusion(base.Translator):
     """One draw: walk the S-step sub-chain from noise (`x_T`, or drawn from `rng`) to x̂0."""
     ts = sampling_timesteps(self.timesteps, steps)
     t_prev = np.concatenate([ts[1:], [-1]])  # -1: past the end, where ᾱ = 1
-    shape = (*source.shape[:-1], 1)
+    shape = (*source.shape[:-1], self.out_channels)
     rng_start, rng_steps = jax.random.split(rng)
 
     def step(x_t, inputs):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from medjax.translators import base, registration
+from medjax.translators import base, latent, registration
 
 SAMPLERS = ("euler", "heun")
 MIN_REMAINING = 0.05  # the floor of 1 - t in the registration-corrected loss
@@ -34,7 +34,8 @@ class Flow(base.Translator):
   name = "flow"
   stochastic = True
   options = {"sampler": ("euler", "ODE solver: 'euler' | 'heun' (2 NFE per step, last "
-                                  "step Euler)")}
+                                  "step Euler)"),
+             **latent.OPTIONS}
 
   def __init__(self, config):
     super().__init__(config)
@@ -66,7 +67,7 @@ class Flow(base.Translator):
   def sample(self, params, source, rng, steps: int):
     """One draw: integrate the learned ODE from noise (t=0) to the target (t=1)."""
     # The state stays float32 between steps whatever model.dtype the network computes in.
-    x = jax.random.normal(rng, (*source.shape[:-1], 1), jnp.float32)
+    x = jax.random.normal(rng, (*source.shape[:-1], self.out_channels), jnp.float32)
     dt = 1.0 / steps
     velocity = lambda x, t: self.apply(
         params, x, jnp.full(source.shape[:1], t, jnp.float32), source, train=False)

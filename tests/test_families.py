@@ -1,0 +1,96 @@
+"""What every model family owes the trainer, checked the same way for each: one device and
+eight give the same losses, and a run resumed from a checkpoint ends bit for bit where the
+uninterrupted run ends (docs/design.md, "Tests"). The flow U-Net has its own, longer
+versions of both (test_mesh.py, test_train.py); these cover the other families."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from medjax import config as config_lib
+from medjax import train
+
+from conftest import ROOT
+from test_train import saved_params
+
+TINY = "size=tiny"
+# family → the experiment a user trains it from, at the tests' tiny size
+FAMILIES = {
+    "mamba": f"experiments/phantom.py:method=regression,model=mamba,{TINY}",
+}
+
+
+def family_config(name, steps=4):
+  config = config_lib.load(os.path.join(ROOT, FAMILIES[name]))
+  config.train.total_steps = steps
+  config.checkpoint.every = 2
+  config.eval.every = steps
+  return config
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_resumed_run_ends_where_the_straight_run_ends(name, tmp_path):
+  """Train 4 steps; copy the run as it stood at its step-2 checkpoint (the later one
+  removed, as a crash would leave it) and train it again: the step-4 state (trained and
+  EMA parameters, with any frozen first stage) is bit-identical."""
+  config = family_config(name)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(config, str(straight))
+  shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("eval", "images"))
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  summary = train.train_and_evaluate(family_config(name), str(resumed))
+  assert summary["step"] == 4
+  ours, theirs = (jax.tree.leaves(saved_params(w, 4)) for w in (straight, resumed))
+  assert len(ours) == len(theirs) > 0
+  for x, y in zip(ours, theirs):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_eight_devices_train_every_family_as_one():
+  """3 steps of each family on one device and on a 2 (data) × 4 (fsdp) mesh of 8 virtual
+  CPU devices: the same losses (rtol 1e-4, float32)."""
+  script = textwrap.dedent("""
+      import json, sys
+      import jax
+      from medjax import config as config_lib
+      from medjax import first_stage, parallel, translators
+      from medjax.data import pipeline
+      from medjax.run import create_state
+      from medjax.train import make_train_step
+      assert jax.device_count() == 8
+      out = {}
+      for name, spec in json.loads(sys.argv[1]).items():
+        config = config_lib.load(spec)
+        first_stage.embed(config)
+        for mesh_name, mesh in (("one", parallel.make_mesh(1)),
+                                ("eight", parallel.make_mesh(data=2, fsdp=4))):
+          translator = translators.build(config)
+          data = iter(pipeline.train_dataset(config))
+          abstract, init = create_state(translator, config, mesh, pipeline.recipe(config))
+          state, step = init(), make_train_step(translator, mesh, abstract)
+          rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
+          losses = []
+          for _ in range(3):
+            state, metrics = step(state, parallel.global_batch(next(data), mesh), rng)
+            losses.append(float(metrics["loss"]))
+          out[f"{name}/{mesh_name}"] = losses
+      print(json.dumps(out))
+      """)
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+         + " --xla_force_host_platform_device_count=8"}
+  specs = {name: os.path.join(ROOT, spec) for name, spec in FAMILIES.items()}
+  result = subprocess.run([sys.executable, "-c", script, json.dumps(specs)], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  for name in FAMILIES:
+    one, eight = np.array(out[f"{name}/one"]), np.array(out[f"{name}/eight"])
+    assert np.all(np.isfinite(one)) and len(set(one.tolist())) == 3, (name, one)
+    np.testing.assert_allclose(eight, one, rtol=1e-4, err_msg=name)
