@@ -108,6 +108,7 @@ SIZES = {
              "resnet": {"channels": 4, "num_blocks": 1}, "discriminator": 8,
              "uvit": {"width": 32, "depth": 3, "num_heads": 4, "patch_size": 2},
              "mamba": {"channels": 8, "channel_mult": (1, 2), "d_state": 4, "expand": 1},
+             "ar_transformer": {"width": 32, "depth": 2, "heads": 4, "context": 64},
              "autoencoder": {"channels": (8, 16, 16)},
              "batch_size": 8, "total_steps": 6},
     "small": {"shape": (48, 48, 32), "spacing": (160 / 48, 160 / 48, 3.0), "subjects": 20,
@@ -115,6 +116,7 @@ SIZES = {
               "resnet": {"channels": 16, "num_blocks": 9}, "discriminator": 32,
               "uvit": {"width": 128, "depth": 7, "num_heads": 4, "patch_size": 4},
               "mamba": {"channels": 32, "channel_mult": (1, 2, 2), "d_state": 4, "expand": 1},
+              "ar_transformer": {"width": 128, "depth": 4, "heads": 4, "context": 256},
               "autoencoder": {"channels": (32, 64, 64)},
               "batch_size": 16, "total_steps": 1000},
     "base": {"shape": (160, 160, 96), "spacing": (1.0, 1.0, 1.0), "subjects": 200,
@@ -124,6 +126,7 @@ SIZES = {
              "uvit": {"width": 512, "depth": 13, "num_heads": 8, "patch_size": 4},
              "mamba": {"channels": 64, "channel_mult": (1, 2, 2, 4), "d_state": 16,
                        "num_res_blocks": 2},
+             "ar_transformer": {"width": 512, "depth": 8, "heads": 8, "context": 1600},
              "autoencoder": {"channels": (64, 128, 256), "num_res_blocks": 2},
              "batch_size": 32, "total_steps": 100_000},
 }

@@ -170,7 +170,7 @@ def test_patchgan_logits_see_exactly_their_70x70_patch():
 
 def test_registry_builds_every_model():
   assert set(MODELS) == {"unet", "resnet", "patchgan", "uvit", "mamba",
-                          "autoencoder"}
+                         "autoencoder", "ar_transformer"}
   assert isinstance(build("unet", **TINY_UNET), UNet)
   assert isinstance(build("resnet", out_channels=1), ResNetGenerator)
   assert isinstance(build("patchgan", num_layers=2), PatchGAN)

@@ -8,6 +8,7 @@ import dataclasses
 
 import flax.linen as nn
 
+from medjax.models.ar_transformer import ARTransformer
 from medjax.models.autoencoder import AutoEncoder
 from medjax.models.layers import DTYPES
 from medjax.models.mamba import MambaUNet
@@ -17,7 +18,7 @@ from medjax.models.unet import UNet
 from medjax.models.uvit import UViT
 
 MODELS = {"unet": UNet, "resnet": ResNetGenerator, "patchgan": PatchGAN, "uvit": UViT,
-          "mamba": MambaUNet, "autoencoder": AutoEncoder}
+          "mamba": MambaUNet, "autoencoder": AutoEncoder, "ar_transformer": ARTransformer}
 
 DTYPE = ("float32", "compute dtype (a GAN's discriminator too): "
                     + " | ".join(map(repr, DTYPES)) + "; parameters, norm statistics, "
@@ -89,6 +90,17 @@ OPTIONS = {
         "remat": REMAT,
         "dims": DIMS,
     },
+    "ar_transformer": {  # translator 'autoregressive' only: it sets codebook and factor
+        "dims": (2, "2: slices | 3: volumes; the tokenizer's (translator.tokenizer) dims"),
+        "width": (128, "token width of the encoder–decoder transformer"),
+        "depth": (4, "layers of the encoder and, as many, of the decoder"),
+        "heads": (4, "attention heads (dividing width)"),
+        "mlp_ratio": (4.0, "MLP hidden width over the token width"),
+        "context": (256, "the most tokens a grid may hold (learned positions): the image "
+                         "sides over the tokenizer's factor, multiplied"),
+        "dtype": DTYPE,
+        "remat": REMAT,
+    },
     "autoencoder": {
         "channels": ((32, 64, 64), "width per level, one downsampling between levels: 3 "
                                    "levels = 4×, 4 levels = 8× smaller latents (vae, vqvae)"),
@@ -119,5 +131,6 @@ def build(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"cannot build model {name!r} from {sorted(kwargs)}: {error}") from error
 
 
-__all__ = ["AutoEncoder", "DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN", "ResNetGenerator", "UNet",
+__all__ = ["ARTransformer", "AutoEncoder", "DTYPES", "MODELS", "OPTIONS", "MambaUNet", "PatchGAN",
+           "ResNetGenerator", "UNet",
            "UViT", "build"]

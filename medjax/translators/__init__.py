@@ -1,6 +1,7 @@
 """Translators by name: a config picks its method with `translator.name`."""
 
 from medjax.errors import ConfigError
+from medjax.translators.autoregressive import Autoregressive
 from medjax.translators.autoencoder import VAE, VQVAE
 from medjax.translators.base import Translator, TrainState
 from medjax.translators.bridge import Bridge
@@ -12,7 +13,7 @@ from medjax.translators.pix2pix import Pix2Pix
 from medjax.translators.regression import Regression
 
 TRANSLATORS = {cls.name: cls for cls in (Regression, Flow, Diffusion, Bridge, Pix2Pix, CycleGAN,
-                                          VAE, VQVAE)}
+                                          VAE, VQVAE, Autoregressive)}
 
 
 def build(config) -> Translator:

@@ -1,0 +1,215 @@
+"""The autoregressive translator: KV-cached sampling, causality, top-k and temperature, the
+teacher-forced loss, learning and sampling on the phantom, bad configs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medjax import config as config_lib
+from medjax import run as run_lib
+from medjax import train
+from medjax.data import pipeline
+from medjax.errors import ConfigError
+from medjax.translators import autoregressive as ar
+from medjax.translators import base
+
+from conftest import ROOT
+from test_translators import counting, jiggle
+
+EXPERIMENT = ROOT / "experiments" / "phantom_ar.py"
+
+
+class PoolTokenizer:
+  """A stand-in VQ tokenizer with the vqvae translator's interface: the code of a
+  factor×factor cell is the nearest of `codebook_size` intensity levels to its mean; its
+  image is that level. Its one parameter (the levels) is what the AR run must carry
+  frozen."""
+  name = "vqvae"
+
+  def __init__(self, codebook_size=8, factor=4, dims=2):
+    self.codebook_size, self.factor = codebook_size, factor
+    self.config = config_lib.ml_collections.ConfigDict({"model": {"dims": dims}})
+
+  def init(self, rng, batch):
+    levels = jnp.linspace(-1.0, 1.0, self.codebook_size)
+    return base.TrainState(step=jnp.zeros((), jnp.int32), params=None,
+                           ema_params={"levels": levels}, opt_state=None)
+
+  def inference_params(self, state):
+    return state.ema_params
+
+  def tokens(self, params, images):
+    b, h, w, _ = images.shape
+    f = self.factor
+    cells = images.reshape(b, h // f, f, w // f, f).mean((2, 4))
+    return jnp.argmin(jnp.abs(cells[..., None] - params["levels"]), -1).astype(jnp.int32)
+
+  def decode_tokens(self, params, tokens):
+    cells = params["levels"][tokens]
+    return jnp.repeat(jnp.repeat(cells, self.factor, 1), self.factor, 2)[..., None]
+
+
+def ar_config(**translator):
+  config = config_lib.load(f"{EXPERIMENT}:size=tiny,tokenizer=unused")
+  config.unlock()
+  config.translator.update(translator)
+  config.train.total_steps = 12
+  config.train.learning_rate = 3e-3
+  return config
+
+
+def build(**translator):
+  return ar.Autoregressive(ar_config(**translator), tokenizer=PoolTokenizer())
+
+
+@pytest.fixture(scope="module")
+def batch():
+  config = ar_config()
+  return jax.tree.map(jnp.asarray, next(iter(pipeline.train_dataset(config))))
+
+
+@pytest.fixture(scope="module")
+def jiggled(batch):
+  """A tiny translator and its parameters moved off their init (a fresh decoder's
+  zero-initialised branches would hide the prefix)."""
+  translator = build()
+  state = jax.jit(translator.init)(jax.random.key(0), batch)
+  return translator, jiggle(state.params, scale=0.3)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 3)])
+def test_kv_cached_sampler_equals_the_uncached_one(temperature, top_k, jiggled, batch):
+  translator, params = jiggled
+  translator.temperature, translator.top_k = temperature, top_k
+  source = batch["source"][:2]
+  cached = jax.jit(translator.sample_tokens)(params, source, jax.random.key(4))
+  uncached = jax.jit(translator.sample_tokens_uncached)(params, source, jax.random.key(4))
+  assert cached.shape == (2, 8, 8)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+  assert len(np.unique(np.asarray(cached))) > 1  # drawn, not a constant
+
+
+def test_decoder_is_causal(jiggled, batch):
+  translator, params = jiggled
+  source = batch["source"][:1]
+  tokens = jax.random.randint(jax.random.key(1), (1, 64), 0, 8)
+  logits = jax.jit(translator.apply)(params, source, tokens)
+  i = 20
+  changed = jax.jit(translator.apply)(params, source, tokens.at[0, i].set((tokens[0, i] + 1) % 8))
+  diff = np.abs(np.asarray(changed - logits))[0].max(-1)
+  # Position j predicts token j from tokens < j: token i reaches positions > i only.
+  np.testing.assert_array_equal(diff[:i + 1], 0.0)
+  assert np.all(diff[i + 1:] > 0)
+
+
+def test_top_k_samples_only_the_k_best_and_temperature_zero_is_argmax():
+  logits = jax.random.normal(jax.random.key(0), (6, 16)) * 2.0
+  best = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+  draw = jax.jit(jax.vmap(lambda key: ar.sample_token(logits, key, 5.0, 3)))
+  draws = np.asarray(draw(jax.random.split(jax.random.key(1), 400)))  # (400, 6)
+  for row in range(6):
+    assert set(draws[:, row]) == set(best[row])  # all k reached at a high temperature
+  argmax = np.asarray(logits).argmax(-1)
+  np.testing.assert_array_equal(ar.sample_token(logits, jax.random.key(2), 0.0, 0), argmax)
+  np.testing.assert_array_equal(ar.sample_token(logits, jax.random.key(2), 1e-6, 0), argmax)
+  np.testing.assert_array_equal(ar.sample_token(logits, jax.random.key(2), 0.0, 1), argmax)
+
+
+def test_teacher_forced_loss_is_the_cross_entropy_of_the_logits(jiggled, batch):
+  translator, params = jiggled
+  source, tokens = batch["source"][:2], jax.random.randint(jax.random.key(3), (2, 64), 0, 8)
+  loss, metrics = translator.token_loss(params, source, tokens)
+  logits = np.asarray(translator.apply(params, source, tokens), np.float64)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  picked = np.take_along_axis(logits, np.asarray(tokens)[..., None], -1)[..., 0]
+  expected = np.mean(log_z - picked)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["perplexity"]), np.exp(expected), rtol=1e-5)
+  accuracy = np.mean(logits.argmax(-1) == np.asarray(tokens))
+  np.testing.assert_allclose(float(metrics["token_accuracy"]), accuracy)
+
+
+def test_train_steps_lower_the_loss_then_sample(batch):
+  translator = build()
+  state = jax.jit(translator.init)(jax.random.key(0), batch)
+  frozen = jax.tree.map(np.asarray, state.ema_params[ar.FIRST_STAGE])
+  loss = jax.jit(lambda params: translator.loss(params, batch, None)[0])
+  before = float(loss(translator.inference_params(state) | {ar.NET: state.params}))
+  step = jax.jit(translator.train_step, donate_argnums=0)
+  for _ in range(translator.config.train.total_steps):
+    state, metrics = step(state, batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"]))
+  after = float(loss(translator.inference_params(state) | {ar.NET: state.params}))
+  assert after < 0.75 * before, (before, after)
+  # The tokenizer's part of the inference parameters is carried bit for bit.
+  jax.tree.map(np.testing.assert_array_equal, frozen,
+               jax.tree.map(np.asarray, state.ema_params[ar.FIRST_STAGE]))
+
+  translate = counting(translator)
+  params, source = translator.inference_params(state), batch["source"][:2]
+  (mean, std), calls = translate(params, source, jax.random.key(2), steps=3, samples=2)
+  (again, _), _ = translate(params, source, jax.random.key(2), steps=3, samples=2)
+  assert calls == 2 * translator.nfe(3) == 2 * (64 + 1)  # 8×8 tokens + one encoder pass
+  np.testing.assert_array_equal(np.asarray(mean), np.asarray(again))
+  assert mean.shape == std.shape == (2, 32, 32, 1)
+  assert np.all(np.abs(np.asarray(mean)) <= 1.0) and np.all(np.asarray(std) >= 0.0)
+  other, _ = translate(params, source, jax.random.key(3), steps=3, samples=2)
+  assert not np.array_equal(np.asarray(other[0]), np.asarray(mean))
+
+
+def test_bad_options_are_one_line_errors():
+  with pytest.raises(ValueError, match="model.context=16"):
+    config = ar_config()
+    config.model.context = 16
+    ar.Autoregressive(config, tokenizer=PoolTokenizer())
+  with pytest.raises(ValueError, match="translator.top_k=9"):
+    build(top_k=9)
+  with pytest.raises(ValueError, match="translator.temperature"):
+    build(temperature=-1.0)
+  with pytest.raises(ValueError, match="model.dims=2 but the tokenizer .* works on dims=3"):
+    ar.Autoregressive(ar_config(), tokenizer=PoolTokenizer(dims=3))
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+  """A tiny trained vqvae run: the tokenizer of the two-stage tests."""
+  workdir = tmp_path_factory.mktemp("vq_run")
+  train.train_and_evaluate(config_lib.load(f"{ROOT}/experiments/phantom_vae.py:kind=vq,size=tiny"),
+                           str(workdir))
+  return workdir
+
+
+def test_a_tiny_run_on_a_trained_tokenizer_keeps_it_frozen(vq_run, tmp_path):
+  config = config_lib.load(f"{EXPERIMENT}:size=tiny,tokenizer={vq_run}")
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(summary["model"]["psnr"]) and summary["nfe_per_sample"] == 64 + 1
+  trained, tokenizer = run_lib.Run.load(tmp_path), run_lib.Run.load(vq_run)
+  # The first stage sits in the run's inference parameters, bit for bit its own run's.
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.tree.map(np.asarray, trained.params[ar.FIRST_STAGE]),
+               jax.tree.map(np.asarray, tokenizer.params))
+  assert trained.config.translator.first_stage.translator.name == "vqvae"
+
+
+def test_bad_tokenizers_are_one_line_config_errors(vq_run, tmp_path):
+  def error(tokenizer, **model):
+    config = config_lib.load(f"{EXPERIMENT}:size=tiny,tokenizer={tokenizer}")
+    config_lib.override(config, {f"model.{k}": v for k, v in model.items()})
+    with pytest.raises(ConfigError) as caught:
+      train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+  assert "translator.tokenizer=" in error(tmp_path / "missing") and "no such run" in error(
+      tmp_path / "missing")
+  flow = tmp_path / "flow_run"
+  flow.mkdir()
+  saved = json.loads((vq_run / "config.json").read_text())
+  saved["translator"] = {"name": "flow"}
+  (flow / "config.json").write_text(json.dumps(saved))
+  assert "a 'flow' run, not a vqvae run" in error(flow)
+  assert "(64 tokens) is longer than model.context=16" in error(vq_run, context=16)
+  assert "translator.tokenizer is empty" in error("")
