@@ -174,12 +174,9 @@ def test_bad_options_are_one_line_errors():
 
 
 @pytest.fixture(scope="module")
-def vq_run(tmp_path_factory):
-  """A tiny trained vqvae run: the tokenizer of the two-stage tests."""
-  workdir = tmp_path_factory.mktemp("vq_run")
-  train.train_and_evaluate(config_lib.load(f"{ROOT}/experiments/phantom_vae.py:kind=vq,size=tiny"),
-                           str(workdir))
-  return workdir
+def vq_run(tiny_vq_run):
+  """A tiny trained vqvae run (tests/conftest.py): the tokenizer of the two-stage tests."""
+  return tiny_vq_run[0]
 
 
 def test_a_tiny_run_on_a_trained_tokenizer_keeps_it_frozen(vq_run, tmp_path):

@@ -28,6 +28,7 @@ FAMILIES = {
     "vae": f"experiments/phantom_vae.py:{TINY}",
     "vqvae": f"experiments/phantom_vae.py:kind=vq,adversarial=0.1,{TINY}",
     "latent": f"experiments/phantom_latent.py:vae={{vae}},{TINY}",
+    "autoregressive": f"experiments/phantom_ar.py:tokenizer={{vq}},{TINY}",
 }
 FIRST_STAGES = {"vae": "tiny_vae_run", "vq": "tiny_vq_run"}
 
