@@ -161,12 +161,26 @@ def timed_steps(spec: str, budget: Budget, workdir: str, mesh=None, log=print) -
   return plan
 
 
+# each method's own backbone: another one is named in its label
+DEFAULT_BACKBONE = {"cyclegan": "resnet", "vae": "autoencoder", "vqvae": "autoencoder",
+                    "autoregressive": "ar_transformer"}
+
+
 def method_label(config) -> str:
+  """`flow (euler)`, `flow (euler) · mamba`, `latent flow (euler)`, …: the method, its
+  main option, and the backbone when it is not the method's usual one."""
   t = config.translator
   extra = {"bridge": lambda: t.bridge, "diffusion": lambda: f"{t.sampler}, {t.prediction}",
            "flow": lambda: t.sampler, "pix2pix": lambda: t.gan_loss,
-           "cyclegan": lambda: "unpaired" if config.data.get("unpaired") else "paired"}
-  return f"{t.name} ({extra[t.name]()})" if t.name in extra else t.name
+           "cyclegan": lambda: "unpaired" if config.data.get("unpaired") else "paired",
+           "autoregressive": lambda: f"T={t.temperature:g}"}
+  label = f"{t.name} ({extra[t.name]()})" if t.name in extra else t.name
+  if t.get("latent_vae"):
+    label = f"latent {label}"
+  backbone = config.model.name
+  if backbone != DEFAULT_BACKBONE.get(t.name, "unet"):
+    label += f" · {backbone}"
+  return label
 
 
 def train_seconds(workdir: str) -> float:
@@ -197,7 +211,7 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
     with open(done) as f:
       cached = json.load(f)
     if cached.get("budget") == asked:
-      return cached
+      return {**cached, "method": method_label(config)}  # labels may have grown since
 
   log(f"[compare] {run_name(spec)}: training {config.train.total_steps} steps in {workdir}")
   train.train_and_evaluate(config, workdir, mesh=mesh)

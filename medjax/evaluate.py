@@ -101,7 +101,8 @@ def predict_volume(run, source: np.ndarray, rng, *, overlap: float | None = None
   """
   overlap, tta = inference_settings(run.config, overlap, tta)
   batch_size = batch_size or run.config.eval.batch_size
-  translate_fn = run.translate_fn(steps, samples, ceiling=ceiling)
+  translate_fn = (run.translate_fn(steps, samples, ceiling=True) if ceiling
+                  else run.translate_fn(steps, samples))
   sharding = parallel.batch_sharding(run.mesh)
 
   def one(volume, key):

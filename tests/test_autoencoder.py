@@ -26,6 +26,8 @@ VAE = ROOT / "experiments" / "phantom_vae.py"
 LATENT = ROOT / "experiments" / "phantom_latent.py"
 ONE_SAVE = {"checkpoint.every": 6}  # the tiny runs' 6 steps, one checkpoint
 
+pytestmark = pytest.mark.xdist_group("two_stage")  # one worker trains the first stages
+
 
 # -- the VQ bottleneck ---------------------------------------------------------
 

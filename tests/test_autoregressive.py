@@ -21,6 +21,8 @@ from test_translators import counting, jiggle
 
 EXPERIMENT = ROOT / "experiments" / "phantom_ar.py"
 
+pytestmark = pytest.mark.xdist_group("two_stage")  # one worker trains the first stages
+
 
 class PoolTokenizer:
   """A stand-in VQ tokenizer with the vqvae translator's interface: the code of a
