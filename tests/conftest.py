@@ -67,14 +67,22 @@ def tiny_flow_run(tmp_path_factory):
   return workdir
 
 
-def _first_stage_run(tmp_path_factory, name: str, arg: str):
+# The two-stage runs' 6 tiny steps: checkpoints at 3 and 6, so test_families.py resumes a
+# copy from 3 and compares with 6 instead of training the family again.
+TWO_STAGE_SAVES = {"checkpoint.every": 3}
+
+
+def _trained(tmp_path_factory, name: str, spec: str):
   from medjax import config as config_lib
   from medjax import train
   workdir = tmp_path_factory.mktemp(name)
-  config = config_lib.load(f"{ROOT}/experiments/phantom_vae.py:{arg}size=tiny",
-                           {"checkpoint.every": 6})  # the tiny run's 6 steps, one checkpoint
+  config = config_lib.load(f"{ROOT}/experiments/{spec}", TWO_STAGE_SAVES)
   summary = train.train_and_evaluate(config, str(workdir))
   return workdir, summary
+
+
+def _first_stage_run(tmp_path_factory, name: str, arg: str):
+  return _trained(tmp_path_factory, name, f"phantom_vae.py:{arg}size=tiny")
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +97,21 @@ def tiny_vq_run(tmp_path_factory):
   """A tiny trained T2w `vqvae` run (workdir, summary): the autoregressive translator's
   tokenizer in the tests (read, never changed)."""
   return _first_stage_run(tmp_path_factory, "vq_run", "kind=vq,")
+
+
+# What a user trains on the first stages above (both read, never changed): the specs are
+# kept here so test_families.py resumes exactly these runs.
+LATENT_SPEC = "phantom_latent.py:size=tiny,vae={}"
+AR_SPEC = "phantom_ar.py:size=tiny,tokenizer={}"
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_run(tiny_vae_run, tmp_path_factory):
+  """A tiny latent flow run on `tiny_vae_run` (workdir, summary)."""
+  return _trained(tmp_path_factory, "latent_run", LATENT_SPEC.format(tiny_vae_run[0]))
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_run(tiny_vq_run, tmp_path_factory):
+  """A tiny autoregressive run on `tiny_vq_run` (workdir, summary)."""
+  return _trained(tmp_path_factory, "ar_run", AR_SPEC.format(tiny_vq_run[0]))

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from medjax import config as config_lib
-from medjax import first_stage, models, train, translators
+from medjax import first_stage, models, translators
 from medjax.data import pipeline
 from medjax.errors import ConfigError
 from medjax.models import autoencoder as ae
@@ -165,10 +165,8 @@ def vae_run(tiny_vae_run):
 
 
 @pytest.fixture(scope="module")
-def latent_run(vae_run, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("latent_run")
-  config = config_lib.load(f"{LATENT}:size=tiny,vae={vae_run[0]}", ONE_SAVE)
-  return workdir, train.train_and_evaluate(config, str(workdir))
+def latent_run(tiny_latent_run):
+  return tiny_latent_run
 
 
 def test_latent_flow_trains_on_its_frozen_vae_and_reports_the_ceiling(vae_run, latent_run):

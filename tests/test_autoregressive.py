@@ -181,11 +181,10 @@ def vq_run(tiny_vq_run):
   return tiny_vq_run[0]
 
 
-def test_a_tiny_run_on_a_trained_tokenizer_keeps_it_frozen(vq_run, tmp_path):
-  config = config_lib.load(f"{EXPERIMENT}:size=tiny,tokenizer={vq_run}")
-  summary = train.train_and_evaluate(config, str(tmp_path))
+def test_a_tiny_run_on_a_trained_tokenizer_keeps_it_frozen(vq_run, tiny_ar_run):
+  workdir, summary = tiny_ar_run  # experiments/phantom_ar.py:size=tiny on vq_run
   assert np.isfinite(summary["model"]["psnr"]) and summary["nfe_per_sample"] == 64 + 1
-  trained, tokenizer = run_lib.Run.load(tmp_path), run_lib.Run.load(vq_run)
+  trained, tokenizer = run_lib.Run.load(workdir), run_lib.Run.load(vq_run)
   # The first stage sits in the run's inference parameters, bit for bit its own run's.
   jax.tree.map(np.testing.assert_array_equal,
                jax.tree.map(np.asarray, trained.params[ar.FIRST_STAGE]),
