@@ -24,13 +24,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from medjax import models
 from medjax.models import ar_transformer
 from medjax.translators import base
 
-NET, FIRST_STAGE = "net", base.FIRST_STAGE
+NET, FIRST_STAGE = base.NET, base.FIRST_STAGE
 
 
 def sample_token(logits, key, temperature: float, top_k: int):
@@ -153,9 +152,6 @@ class Autoregressive(base.Translator):
     own = {**batch, "source": batch["target"]}
     return self.tokenizer.inference_params(self.tokenizer.init(rng, own))
 
-  def attach_first_stage(self, state, params):
-    return state.replace(ema_params={**state.ema_params, FIRST_STAGE: params})
-
   def target_tokens(self, first_stage, target):
     """The target's codes in raster order, (B, N) int32, from the frozen tokenizer."""
     return flat(jax.lax.stop_gradient(self.tokenizer.tokens(first_stage, target)))
@@ -174,18 +170,8 @@ class Autoregressive(base.Translator):
     return self.token_loss(params[NET], batch["source"], tokens)
 
   def train_step(self, state, batch, rng):
-    frozen = state.ema_params[FIRST_STAGE]
-    tokens = self.target_tokens(frozen, batch["target"])
-    (loss, aux), grads = jax.value_and_grad(self.token_loss, has_aux=True)(
-        state.params, batch["source"], tokens)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = base.ema_update(state.ema_params[NET], params, self.config.train.ema_decay,
-                          state.step)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return state.replace(step=state.step + 1, params=params,
-                         ema_params={NET: ema, FIRST_STAGE: frozen},
-                         opt_state=opt_state), metrics
+    tokens = self.target_tokens(state.ema_params[FIRST_STAGE], batch["target"])
+    return self.staged_step(state, self.token_loss, batch["source"], tokens)
 
   # -- sampling ------------------------------------------------------------------------------
   def sample_tokens(self, params, source, rng):

@@ -170,7 +170,23 @@ class Translator:
   def attach_first_stage(self, state, params):
     """`state` with the trained first stage's inference `params` in place of the random
     init `init` gave it: done once, when a two-stage run starts training."""
-    raise NotImplementedError(f"{self.name} has no first stage")
+    if not self.first_stage_key:
+      raise NotImplementedError(f"{self.name} has no first stage")
+    return state.replace(ema_params={**state.ema_params, FIRST_STAGE: params})
+
+  def staged_step(self, state, loss_fn, *args):
+    """One step of a two-stage translator (docs/design.md, "Two-stage runs"):
+    `loss_fn(params, *args) -> (loss, aux)` differentiated with respect to the trained
+    network only, its EMA kept in ema_params['net'], the frozen first stage carried
+    through bit for bit."""
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params[NET], params, self.config.train.ema_decay, state.step)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params={NET: ema, FIRST_STAGE: state.ema_params[FIRST_STAGE]}
+                         ), metrics
 
   def inference_params(self, state):
     for key in self.inference_path:
@@ -189,6 +205,7 @@ class Translator:
 # copies the first-stage run's config into it (medjax/first_stage.py), and the same name
 # holds the first stage's frozen parameters in the state's ema_params.
 FIRST_STAGE = "first_stage"
+NET = "net"  # beside it in ema_params: the EMA of the trained second-stage network
 FIRST_STAGE_OPTION = {FIRST_STAGE: ({}, "the first-stage run's config, copied by medjax train "
                                         "(leave empty)")}
 

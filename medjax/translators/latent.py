@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from medjax import any2any, modalities
 from medjax.translators import autoencoder, base
 
-NET = "net"
+NET = base.NET
 OPTIONS = {"latent_vae": ("", "a `vae` run directory: train and sample in its latent space, "
                               "decoding at the end ('' : pixel space)"),
            **base.FIRST_STAGE_OPTION}
@@ -109,22 +108,10 @@ class Latent:
                            ema_params={NET: params, base.FIRST_STAGE: vae_params},
                            opt_state=self.tx.init(params))
 
-  def attach_first_stage(self, state, params):
-    return state.replace(ema_params={**state.ema_params, base.FIRST_STAGE: params})
-
   def train_step(self, state, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    vae_params = state.ema_params[base.FIRST_STAGE]
-    latent = self.latent_batch(vae_params, batch)
-    (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, latent, rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = base.ema_update(state.ema_params[NET], params, self.config.train.ema_decay,
-                          state.step)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return state.replace(step=state.step + 1, params=params,
-                         ema_params={NET: ema, base.FIRST_STAGE: vae_params},
-                         opt_state=opt_state), metrics
+    latent = self.latent_batch(state.ema_params[base.FIRST_STAGE], batch)
+    return self.staged_step(state, self.loss, latent, rng)
 
   def translate(self, params, source, rng, *, steps=None, samples=1):
     """Mean and std of `samples` decoded latent draws, clipped to the image range."""
