@@ -105,6 +105,15 @@ LATENT_SPEC = "phantom_latent.py:size=tiny,vae={}"
 AR_SPEC = "phantom_ar.py:size=tiny,tokenizer={}"
 
 
+def family_specs(vae_run, vq_run) -> dict[str, str]:
+  """The families with state or sharding of their own (docs/design.md, "Tests"): name →
+  the experiment a user trains it from at the tiny size, first stages filled in. Checked
+  for resume in test_families.py and on 8 devices in test_mesh.py."""
+  return {"mamba": f"{ROOT}/experiments/phantom.py:method=regression,model=mamba,size=tiny",
+          "latent": f"{ROOT}/experiments/{LATENT_SPEC.format(vae_run)}",
+          "autoregressive": f"{ROOT}/experiments/{AR_SPEC.format(vq_run)}"}
+
+
 @pytest.fixture(scope="session")
 def tiny_latent_run(tiny_vae_run, tmp_path_factory):
   """A tiny latent flow run on `tiny_vae_run` (workdir, summary)."""

@@ -14,7 +14,7 @@ from medjax import config as config_lib
 from medjax import parallel, train
 from medjax.errors import ConfigError
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, family_specs, tiny_config
 
 
 @pytest.mark.parametrize("shape,fsdp,spec", [
@@ -72,16 +72,21 @@ def test_a_profile_trace_is_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(tmp_path):
+@pytest.mark.xdist_group("two_stage")  # the worker that holds the first-stage runs
+def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(
+    tmp_path, tiny_vae_run, tiny_vq_run):
   """mesh.fsdp=4 × mesh.data=2 gives one device's losses for 20 steps (and, on 8 devices
-  along data, for 6 steps of the 3D experiment's patches); its checkpoint
-  restores on one device and scores the same, and training resumes on a 4-device mesh."""
+  along data, for 6 steps of the 3D experiment's patches; for 3 steps of each family
+  with sharding of its own, `family_specs`: mamba's scan parameters, the latent and
+  autoregressive runs' frozen first stages); its checkpoint restores on one device and
+  scores the same, and training resumes on a 4-device mesh. One subprocess, one JAX
+  start, for all of it."""
   script = textwrap.dedent("""
       import json, sys
       import jax, numpy as np
       sys.path.insert(0, "tests")
       from conftest import tiny_config
-      from medjax import evaluate, parallel, translators
+      from medjax import evaluate, first_stage, parallel, translators
       from medjax.data import pipeline
       from medjax.run import Run, create_state
       from medjax.train import make_train_step, train_and_evaluate
@@ -112,6 +117,12 @@ def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(tmp
       volumetric = config_lib.load("experiments/phantom_mr_ct_3d.py:size=tiny")
       for name, mesh in (("one", parallel.make_mesh(1)), ("eight", parallel.make_mesh(8))):
         out["losses"]["3d_" + name] = train_steps(volumetric, mesh, 6)[1]
+      for family, spec in json.loads(sys.argv[2]).items():
+        config_family = config_lib.load(spec)
+        first_stage.embed(config_family)
+        for name, mesh in (("one", parallel.make_mesh(1)),
+                           ("eight", parallel.make_mesh(data=2, fsdp=4))):
+          out["losses"][f"{family}_{name}"] = train_steps(config_family, mesh, 3)[1]
       workdir = sys.argv[1]
       config.train.total_steps = 4
       config.checkpoint.every = config.eval.every = 4
@@ -128,8 +139,10 @@ def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(tmp
       """)
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
          + " --xla_force_host_platform_device_count=8"}
-  result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
+  families = family_specs(tiny_vae_run[0], tiny_vq_run[0])
+  result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"),
+                           json.dumps(families)], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   one, fsdp = np.array(out["losses"]["one"]), np.array(out["losses"]["fsdp"])
@@ -138,6 +151,10 @@ def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(tmp
   one, eight = np.array(out["losses"]["3d_one"]), np.array(out["losses"]["3d_eight"])
   assert np.all(np.isfinite(one)) and len(set(one.tolist())) > 4
   np.testing.assert_allclose(eight, one, rtol=1e-4)
+  for family in families:
+    one, eight = (np.array(out["losses"][f"{family}_{n}"]) for n in ("one", "eight"))
+    assert np.all(np.isfinite(one)) and len(set(one.tolist())) == 3, (family, one)
+    np.testing.assert_allclose(eight, one, rtol=1e-4, err_msg=family)
   spec, shard, full = out["sharded"]
   assert "fsdp" in spec and np.prod(shard) * 4 == np.prod(full)
   for key in ("mae", "psnr", "ssim"):
