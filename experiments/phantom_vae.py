@@ -12,7 +12,10 @@ reconstruction, the ceiling of every second stage built on it (docs/design.md,
 
 Arguments (FILE.py:NAME=VALUE,…):
   kind    kl (default: `vae`, L1 + 1e-6 KL, latents for latent flow/diffusion/bridge) | vq
-          (`vqvae`, 512 l2-normalised codes, tokens for the autoregressive translator)
+          (`vqvae`, 128 l2-normalised codes, tokens for the autoregressive translator;
+          at size=small 1500 steps, 6.4 min on a 2-core CPU: reconstruction val PSNR 20.3
+          dB, SSIM 0.838, perplexity 50, 7 dead codes. 512 codes reach the same ceiling
+          with 160 dead codes, and the translator on their tokens is 0.7 dB worse)
   target  t2w (default) | t1w | pd | flair | ct: the modality encoded (the second stage's
           target)
   dims    2 (default: axial slices) | 3 (16×32×32 patches, tiny: 8×16×16; sliding-window
@@ -45,6 +48,12 @@ def get_config(arg=None):
   config.translator = config_lib.translator_config(KINDS[arg.kind],
                                                    adversarial=float(arg.adversarial))
   config_lib.apply_size(config, arg.size)
+  if arg.kind == "vq":
+    # The phantom's tissues need few codes: the autoregressive translator predicts 128
+    # codes' tokens better than 512 (most of which stay unused) at the same ceiling.
+    config.translator.codebook_size = 128
+    if arg.size == "small":  # the codes settle later than a vae's latents
+      config.train.total_steps = 1500
   if arg.factor == 8:  # one more level, as wide as the last
     config.model.channels = (*config.model.channels, config.model.channels[-1])
   # Reconstruction is easier than translation: a higher rate, no augmentation needed.
