@@ -6,9 +6,9 @@ the same subjects. The phantom at 48×48×32 is where a body mask that lost half
 (Otsu on T1w) once cost 13 dB: the MR source was normalised over another region than in
 training. Each run here is small (16 channels, `STEPS` = 60), so its absolute scores are
 low; what is compared is the same model reached two ways. With the old mask (Otsu's
-threshold, largest component) in translate, these runs lose 1.0 dB (T2w) and 1.9 dB (CT)
-without a mask file, 1.8 dB (T2w) at 150 steps, only 0.2 dB at 30: `NO_MASK_DB` = 0.25
-catches it with room, while the right mask stays within 0.01 dB.
+threshold, largest component) in translate, the T2w run loses 1.0 dB without a mask file
+(a CT run 1.9 dB; 1.8 dB at 150 steps, only 0.2 dB at 30): `NO_MASK_DB` = 0.25 catches
+it with room, while the right mask stays within 0.01 dB.
 
 The last test also runs every other command once, in this process, as a user types it.
 """
@@ -79,9 +79,11 @@ def translate_test_subject(workdir, data, out_root, target) -> dict:
   return scores
 
 
-@pytest.mark.parametrize("target", ["t2w", "ct"])
 def test_translating_without_a_mask_scores_what_the_evaluation_scored(
-    target, phantom_files, tmp_path, capsys):
+    phantom_files, tmp_path, capsys):
+  """T1w → T2w in 2D. The CT target (HU out, the synthrad2023 protocol) takes the same
+  path in the 3D test below, with the same checks."""
+  target = "t2w"
   workdir = tmp_path / "run"
   assert medjax("train", "--config", tiny_spec("regression", target), "--workdir", workdir,
                 *OVERRIDES, *steps(STEPS)) == 0
