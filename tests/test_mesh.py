@@ -134,6 +134,10 @@ def test_fsdp_on_eight_devices_trains_as_one_device_and_moves_between_meshes(
       config.train.total_steps = 6
       config.checkpoint.every = config.eval.every = 6
       config.mesh.data, config.mesh.fsdp = 2, 2
+      # what is checked here is that the state restores and trains on 4; evaluation on
+      # another mesh was checked above, so the resumed loop's is stubbed out
+      evaluate.evaluate_run = lambda run, split, **kwargs: {"step": run.step}
+      evaluate.format_summary = lambda summary: ""
       out["resumed"] = train_and_evaluate(config, workdir, mesh=parallel.make_mesh(4))["step"]
       print(json.dumps(out))
       """)
