@@ -1,6 +1,7 @@
 """SynthRAD Task 2 (CBCT → CT) folders, 2023 (.nii.gz) and 2025 (.mha) layouts, from
-`medjax prepare` to a trained, evaluated run with experiments/synthrad2023_cbct_ct.py
-(the second layout's compilations come from JAX's persistent cache)."""
+`medjax prepare` to a trained, evaluated run with experiments/synthrad2023_cbct_ct.py.
+The two layouts hold the same heads, so they must prepare to the same shards (nibabel
+reads one, SimpleITK the other); training reads shards alone, so one layout trains."""
 
 import json
 
@@ -36,21 +37,31 @@ def write_task2(root, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["synthrad2023", "synthrad2025"])
-def test_task2_folders_prepare_and_train(tmp_path, layout, capsys):
-  root = write_task2(tmp_path / "data", layout)
-  out, workdir = tmp_path / "shards", tmp_path / "run"
-  assert cli.main(["medjax", "prepare", "--layout", layout, "--input-dir", str(root),
-                   "--output-dir", str(out), "--source", "cbct", "--target", "ct",
-                   "--spacing", "5x5x6", "--size", "32x32"]) == 0
-  manifest = shards.load_manifest(out)
-  assert manifest["counts"]["prepared"] == len(IDS) and not manifest["skipped"]
-  assert manifest["recipe"]["sources"] == ["cbct"] and manifest["recipe"]["mask"] == "file"
-  # CBCT keeps the fixed HU window of CT (a miscalibration is not normalised away).
-  assert manifest["normalisation"][IDS[0]]["cbct"]["kind"] == "ct"
+def test_task2_folders_prepare_and_train(tmp_path, capsys):
+  prepared = {}
+  for layout in ("synthrad2023", "synthrad2025"):
+    root = write_task2(tmp_path / layout, layout)
+    out = prepared[layout] = tmp_path / f"shards_{layout}"
+    assert cli.main(["medjax", "prepare", "--layout", layout, "--input-dir", str(root),
+                     "--output-dir", str(out), "--source", "cbct", "--target", "ct",
+                     "--spacing", "5x5x6", "--size", "32x32"]) == 0
+    manifest = shards.load_manifest(out)
+    assert manifest["counts"]["prepared"] == len(IDS) and not manifest["skipped"]
+    assert manifest["recipe"]["sources"] == ["cbct"] and manifest["recipe"]["mask"] == "file"
+    # CBCT keeps the fixed HU window of CT (a miscalibration is not normalised away).
+    assert manifest["normalisation"][IDS[0]]["cbct"]["kind"] == "ct"
+  for split in ("train", "val", "test"):
+    ours, theirs = (shards.split_volumes(prepared[layout], split) for layout in prepared)
+    assert [v.subject for v in ours] == [v.subject for v in theirs] != []
+    for a, b in zip(ours, theirs):
+      for field in ("source", "target", "mask"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-6,
+                                   err_msg=f"{split} {a.subject} {field}")
+  workdir = tmp_path / "run"
   assert cli.main(["medjax", "train", "--config",
                    f"{ROOT}/experiments/synthrad2023_cbct_ct.py:method=regression,size=tiny",
-                   "--workdir", str(workdir), f"--config.data.dir={out}"]) == 0
+                   "--workdir", str(workdir),
+                   f"--config.data.dir={prepared['synthrad2025']}"]) == 0
   summary = json.loads((workdir / "eval" / "6" / "summary.json").read_text())
   assert summary["protocol"] == "synthrad2023" and summary["subjects"] == 1
   assert np.isfinite(summary["model"]["mae"]) and summary["model"]["mae"] > 0
