@@ -107,12 +107,9 @@ AR_SPEC = "phantom_ar.py:size=tiny,tokenizer={}"
 
 def family_specs(vae_run, vq_run) -> dict[str, str]:
   """The families with state or sharding of their own (docs/design.md, "Tests"): name →
-  the experiment a user trains it from at the tiny size, first stages filled in. All run
-  on 8 devices in test_mesh.py; the two-stage ones resume in test_families.py (the
-  autoencoders' state is the GAN translators' plus one running scalar)."""
+  the experiment a user trains it from at the tiny size, first stages filled in. Checked
+  for resume in test_families.py and on 8 devices in test_mesh.py."""
   return {"mamba": f"{ROOT}/experiments/phantom.py:method=regression,model=mamba,size=tiny",
-          "vae": f"{ROOT}/experiments/phantom_vae.py:size=tiny",
-          "vqvae": f"{ROOT}/experiments/phantom_vae.py:kind=vq,adversarial=0.1,size=tiny",
           "latent": f"{ROOT}/experiments/{LATENT_SPEC.format(vae_run)}",
           "autoregressive": f"{ROOT}/experiments/{AR_SPEC.format(vq_run)}"}
 
