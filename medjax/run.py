@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from jax.extend import core as jax_core
 import numpy as np
 
 from medjax import baseline as baseline_lib
@@ -59,12 +60,20 @@ def create_state(translator, config, mesh, recipe: Recipe):
            for k, v in record.items()}
   rng = jax.random.PRNGKey(config.seed)
   try:
-    abstract = jax.eval_shape(translator.init, rng, batch)
+    # One trace gives both the shapes (for the shardings) and the program the jitted
+    # initialiser replays: tracing a flax model costs seconds, replaying its jaxpr little.
+    program, abstract = jax.make_jaxpr(translator.init, return_shape=True)(rng, batch)
   except ValueError as error:  # a backbone refusing these shapes: the config's doing
     shape = "x".join(map(str, batch["source"].shape[1:-1]))
     raise ConfigError(f"the model cannot take this run's {shape} inputs: {error}") from None
   shardings = parallel.state_shardings(abstract, mesh)
-  init = jax.jit(translator.init, out_shardings=shardings)
+  tree = jax.tree.structure(abstract)
+
+  def init(rng, batch):
+    leaves = jax_core.jaxpr_as_fun(program)(*jax.tree.leaves((rng, batch)))
+    return jax.tree.unflatten(tree, leaves)
+
+  init = jax.jit(init, out_shardings=shardings)
   return checkpoint_lib.abstract_like(abstract, shardings), lambda: init(rng, batch)
 
 

@@ -72,17 +72,23 @@ def tiny_flow_run(tmp_path_factory):
 TWO_STAGE_SAVES = {"checkpoint.every": 3}
 
 
-def _trained(tmp_path_factory, name: str, spec: str):
+def _trained(tmp_path_factory, name: str, spec: str, evaluate: bool = True):
+  """Train `spec` at the tiny size into a fresh folder: (workdir, summary). Without
+  `evaluate` the loop's evaluation is stubbed (no test reads it; the summary is None)."""
   from medjax import config as config_lib
   from medjax import train
   workdir = tmp_path_factory.mktemp(name)
   config = config_lib.load(f"{ROOT}/experiments/{spec}", TWO_STAGE_SAVES)
-  summary = train.train_and_evaluate(config, str(workdir))
-  return workdir, summary
+  with pytest.MonkeyPatch.context() as patch:
+    if not evaluate:
+      patch.setattr(train.evaluate_lib, "evaluate_run", lambda run, split, **kwargs: {})
+      patch.setattr(train.evaluate_lib, "format_summary", lambda summary: "")
+    summary = train.train_and_evaluate(config, str(workdir))
+  return workdir, (summary if evaluate else None)
 
 
-def _first_stage_run(tmp_path_factory, name: str, arg: str):
-  return _trained(tmp_path_factory, name, f"phantom_vae.py:{arg}size=tiny")
+def _first_stage_run(tmp_path_factory, name: str, arg: str, evaluate: bool = True):
+  return _trained(tmp_path_factory, name, f"phantom_vae.py:{arg}size=tiny", evaluate)
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +100,10 @@ def tiny_vae_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vq_run(tmp_path_factory):
-  """A tiny trained T2w `vqvae` run (workdir, summary): the autoregressive translator's
-  tokenizer in the tests (read, never changed)."""
-  return _first_stage_run(tmp_path_factory, "vq_run", "kind=vq,")
+  """A tiny trained T2w `vqvae` run (workdir, None): the autoregressive translator's
+  tokenizer in the tests (read, never changed). Its own evaluation is stubbed: no test
+  reads it (test_autoencoder.py checks the VQ's metrics on its own steps)."""
+  return _first_stage_run(tmp_path_factory, "vq_run", "kind=vq,", evaluate=False)
 
 
 # What a user trains on the first stages above (both read, never changed): the specs are

@@ -134,6 +134,44 @@ def test_teacher_forced_loss_is_the_cross_entropy_of_the_logits(jiggled, batch):
   np.testing.assert_allclose(float(metrics["token_accuracy"]), accuracy)
 
 
+def test_token_noise_corrupts_only_the_inputs_and_dropout_only_training(jiggled, batch):
+  """translator.token_noise replaces about that fraction of the decoder's input tokens by
+  random codes while the loss still scores the real tokens; model.dropout changes the
+  training pass only; with neither, a training pass is the plain one."""
+  translator, params = jiggled
+  source = batch["source"][:2]
+  tokens = jax.random.randint(jax.random.key(3), (2, 64), 0, 8)
+  clean = translator.token_loss(params, source, tokens)[0]
+  # neither regulariser: a keyed (training) pass is the unkeyed one, bit for bit
+  assert translator.token_loss(params, source, tokens, jax.random.key(5))[0] == clean
+  noisy = build(token_noise=0.5)
+  seen = []
+  original = noisy.apply
+  noisy.apply = lambda p, s, inputs, *args, **kw: (seen.append(inputs),
+                                                   original(p, s, inputs, *args, **kw))[1]
+  loss = noisy.token_loss(params, source, tokens, jax.random.key(5))[0]
+  inputs = np.asarray(seen[-1])
+  changed = np.mean(inputs != np.asarray(tokens))  # a random code may draw the real one
+  assert abs(changed - 0.5 * 7 / 8) < 4 * np.sqrt(0.44 * 0.56 / tokens.size)
+  logits = np.asarray(original(params, source, jnp.asarray(inputs)), np.float64)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  picked = np.take_along_axis(logits, np.asarray(tokens)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(loss), np.mean(log_z - picked), rtol=1e-5)
+  with pytest.raises(ValueError, match="token_noise"):
+    build(token_noise=1.0)
+  # dropout: the training pass depends on its key, the evaluation pass is the plain model's
+  config = ar_config()
+  config.model.dropout = 0.5
+  dropped = ar.Autoregressive(config, tokenizer=PoolTokenizer())
+  train_a = dropped.token_loss(params, source, tokens, jax.random.key(1))[0]
+  train_b = dropped.token_loss(params, source, tokens, jax.random.key(2))[0]
+  assert train_a != train_b and train_a != clean
+  assert dropped.token_loss(params, source, tokens)[0] == clean
+  cached = dropped.sample_tokens(params, source, jax.random.key(4))
+  np.testing.assert_array_equal(cached, build().sample_tokens(params, source,
+                                                              jax.random.key(4)))
+
+
 def test_train_steps_lower_the_loss_then_sample(batch):
   translator = build()
   state = jax.jit(translator.init)(jax.random.key(0), batch)

@@ -96,6 +96,8 @@ OPTIONS = {
         "depth": (4, "layers of the encoder and, as many, of the decoder"),
         "heads": (4, "attention heads (dividing width)"),
         "mlp_ratio": (4.0, "MLP hidden width over the token width"),
+        "dropout": (0.0, "dropout on each layer's attention and MLP branch while training "
+                         "(teacher forcing; the sampler never drops)"),
         "context": (256, "the most tokens a grid may hold (learned positions): the image "
                          "sides over the tokenizer's factor, multiplied"),
         "dtype": DTYPE,

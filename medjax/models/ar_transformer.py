@@ -84,17 +84,20 @@ class EncoderLayer(nn.Module):
   heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  dropout: float = 0.0
 
   def setup(self):
     self.norm_attn = nn.LayerNorm(dtype=self.dtype)
     self.attn = Attention(self.width, self.heads, self.dtype)
     self.norm_mlp = nn.LayerNorm(dtype=self.dtype)
     self.mlp = MLP(self.width, self.mlp_ratio, self.dtype)
+    self.drop = nn.Dropout(self.dropout)
 
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
+    # `train` is positional: nn.remat marks it static by position (static_argnums=(2,)).
     h = self.norm_attn(x)
-    x = x + self.attn(h, *self.attn.keys_values(h))
-    return x + self.mlp(self.norm_mlp(x))
+    x = x + self.drop(self.attn(h, *self.attn.keys_values(h)), deterministic=not train)
+    return x + self.drop(self.mlp(self.norm_mlp(x)), deterministic=not train)
 
 
 class DecoderLayer(nn.Module):
@@ -102,6 +105,7 @@ class DecoderLayer(nn.Module):
   heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  dropout: float = 0.0
 
   def setup(self):
     self.norm_self = nn.LayerNorm(dtype=self.dtype)
@@ -110,17 +114,20 @@ class DecoderLayer(nn.Module):
     self.cross_attn = Attention(self.width, self.heads, self.dtype)
     self.norm_mlp = nn.LayerNorm(dtype=self.dtype)
     self.mlp = MLP(self.width, self.mlp_ratio, self.dtype)
+    self.drop = nn.Dropout(self.dropout)
 
   def cross_keys_values(self, memory):
     return self.cross_attn.keys_values(memory)
 
-  def __call__(self, x, memory):
-    """Every position at once under the causal mask (teacher forcing)."""
+  def __call__(self, x, memory, train: bool = False):
+    """Every position at once under the causal mask (teacher forcing); residual dropout
+    while training (`step`, the sampler's path, never drops)."""
+    drop = lambda h: self.drop(h, deterministic=not train)
     h = self.norm_self(x)
     causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
-    x = x + self.self_attn(h, *self.self_attn.keys_values(h), causal)
-    x = x + self.cross_attn(self.norm_cross(x), *self.cross_keys_values(memory))
-    return x + self.mlp(self.norm_mlp(x))
+    x = x + drop(self.self_attn(h, *self.self_attn.keys_values(h), causal))
+    x = x + drop(self.cross_attn(self.norm_cross(x), *self.cross_keys_values(memory)))
+    return x + drop(self.mlp(self.norm_mlp(x)))
 
   def step(self, x, position, cache, cross):
     """One position: x (B, 1, W); cache = (k, v), each (B, N, H, D), holds positions
@@ -146,6 +153,7 @@ class ARTransformer(nn.Module):
   context: int = 256  # the most tokens a grid may have (learned positions)
   dtype: str = "float32"
   remat: bool = False
+  dropout: float = 0.0  # residual-branch dropout while training (teacher forcing only)
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
@@ -165,11 +173,11 @@ class ARTransformer(nn.Module):
     # embedding at the start (the decoder then learns the previous token slowly).
     self.source_in = nn.Dense(self.width, kernel_init=zeros_init, dtype=dtype)
     # Named by attribute (encoder_0, …), so remat leaves the parameter tree as is.
-    encoder = maybe_remat(EncoderLayer, self.remat)
-    decoder = maybe_remat(DecoderLayer, self.remat)
-    self.encoder = [encoder(self.width, self.heads, self.mlp_ratio, dtype)
+    encoder = maybe_remat(EncoderLayer, self.remat, static_argnums=(2,))
+    decoder = maybe_remat(DecoderLayer, self.remat, static_argnums=(3,))
+    self.encoder = [encoder(self.width, self.heads, self.mlp_ratio, dtype, self.dropout)
                     for _ in range(self.depth)]
-    self.decoder = [decoder(self.width, self.heads, self.mlp_ratio, dtype)
+    self.decoder = [decoder(self.width, self.heads, self.mlp_ratio, dtype, self.dropout)
                     for _ in range(self.depth)]
     self.encoder_norm = nn.LayerNorm(dtype=dtype)
     self.decoder_norm = nn.LayerNorm(dtype=jnp.float32)
@@ -179,13 +187,13 @@ class ARTransformer(nn.Module):
     """The token grid of a source of this shape; a ValueError if it does not fit."""
     return token_grid(source_shape, self.dims, self.factor, self.context)
 
-  def memory(self, source):
+  def memory(self, source, train: bool = False):
     grid = self.grid(source.shape)
     n = int(np.prod(grid))
     h = self.patch_embed(source).reshape(source.shape[0], n, self.width)
     h = h + self.source_position[:n].astype(h.dtype)
     for layer in self.encoder:
-      h = layer(h)
+      h = layer(h, train)
     return self.encoder_norm(h)
 
   def embed(self, tokens, start: int | jax.Array = 0):
@@ -197,17 +205,18 @@ class ARTransformer(nn.Module):
   def head(self, h):
     return self.logits(self.decoder_norm(h.astype(jnp.float32)))
 
-  def __call__(self, source, tokens):
+  def __call__(self, source, tokens, train: bool = False):
     """Teacher forcing: logits (B, N, V) of each target token given the tokens before it
-    (raster order) and the source. tokens (B, N) int."""
-    memory = self.memory(source)
+    (raster order) and the source. tokens (B, N) int. `train`: dropout on (the caller
+    passes a 'dropout' rng)."""
+    memory = self.memory(source, train)
     if tokens.shape[1] != memory.shape[1]:
       raise ValueError(f"{tokens.shape[1]} target tokens for a source grid of "
                        f"{memory.shape[1]}")
     bos = jnp.full((tokens.shape[0], 1), self.codebook_size, tokens.dtype)
     h = self.embed(jnp.concatenate([bos, tokens[:, :-1]], axis=1)) + self.source_in(memory)
     for layer in self.decoder:
-      h = layer(h, memory)
+      h = layer(h, memory, train)
     return self.head(h)
 
   def encode(self, source):

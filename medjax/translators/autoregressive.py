@@ -71,6 +71,9 @@ class Autoregressive(base.Translator):
                         "sampled tokens into the image; copied into this run's parameters"),
       "temperature": (1.0, "sampling temperature of the token softmax (0: argmax)"),
       "top_k": (0, "sample among the k most likely codes only (0: all codes)"),
+      "token_noise": (0.0, "fraction of the teacher-forced input tokens replaced by uniform "
+                           "random codes while training (the predicted tokens stay the "
+                           "real ones): the decoder learns to go on after a wrong draw"),
       **base.FIRST_STAGE_OPTION,
   }
 
@@ -87,6 +90,9 @@ class Autoregressive(base.Translator):
     super().__init__(config)
     options = config.translator
     self.temperature, self.top_k = float(options.temperature), int(options.top_k)
+    self.token_noise = float(options.token_noise)
+    if not 0 <= self.token_noise < 1:
+      raise ValueError(f"translator.token_noise={options.token_noise} must lie in [0, 1)")
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
       raise ValueError(f"translator.temperature={options.temperature} must be ≥ 0")
     if not 0 <= self.top_k <= self.tokenizer.codebook_size:
@@ -120,9 +126,10 @@ class Autoregressive(base.Translator):
                         factor=self.tokenizer.factor, **model)
 
   # -- the network, one entry point (tests count its calls) ----------------------------------
-  def apply(self, params, *args, method: str = "__call__"):
-    """The transformer's `method` on `params` (float32 logits)."""
-    return self.model.apply({"params": params}, *args, method=method)
+  def apply(self, params, *args, method: str = "__call__", rngs=None):
+    """The transformer's `method` on `params` (float32 logits); `rngs`: {"dropout": key}
+    while training."""
+    return self.model.apply({"params": params}, *args, method=method, rngs=rngs)
 
   def nfe(self, steps=None) -> int:
     """Network evaluations per draw: one encoder pass (the source's cross-attention keys
@@ -156,10 +163,21 @@ class Autoregressive(base.Translator):
     """The target's codes in raster order, (B, N) int32, from the frozen tokenizer."""
     return flat(jax.lax.stop_gradient(self.tokenizer.tokens(first_stage, target)))
 
-  def token_loss(self, params, source, tokens):
+  def token_loss(self, params, source, tokens, rng=None):
     """Teacher-forced mean cross-entropy of `tokens` (B, N); metrics: token accuracy and
-    the perplexity exp(loss)."""
-    logits = self.apply(params, source, tokens)
+    the perplexity exp(loss). With `rng` (training): model.dropout, and
+    translator.token_noise of the decoder's input tokens replaced by random codes."""
+    inputs, rngs = tokens, None
+    if rng is not None:
+      rng_noise, rng_dropout = jax.random.split(rng)
+      rngs = {"dropout": rng_dropout}
+      if self.token_noise:
+        rng_where, rng_code = jax.random.split(rng_noise)
+        noisy = jax.random.bernoulli(rng_where, self.token_noise, tokens.shape)
+        codes = jax.random.randint(rng_code, tokens.shape, 0, self.tokenizer.codebook_size,
+                                   tokens.dtype)
+        inputs = jnp.where(noisy, codes, tokens)
+    logits = self.apply(params, source, inputs, rng is not None, rngs=rngs)
     loss = jnp.mean(cross_entropy(logits, tokens))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == tokens)
     return loss, {"token_accuracy": accuracy, "perplexity": jnp.exp(loss)}
@@ -171,7 +189,7 @@ class Autoregressive(base.Translator):
 
   def train_step(self, state, batch, rng):
     tokens = self.target_tokens(state.ema_params[FIRST_STAGE], batch["target"])
-    return self.staged_step(state, self.token_loss, batch["source"], tokens)
+    return self.staged_step(state, self.token_loss, batch["source"], tokens, rng)
 
   # -- sampling ------------------------------------------------------------------------------
   def sample_tokens(self, params, source, rng):
