@@ -1,9 +1,10 @@
 """What every model family owes the trainer: a run resumed from a checkpoint ends bit for
 bit where the uninterrupted run ends (docs/design.md, "Tests"). The flow U-Net has its
 own, longer version (test_train.py); these cover the families whose training state is
-new: the two-stage runs' frozen first stage inside ema_params. One device against eight
-for the same families (`conftest.family_specs`) runs in test_mesh.py's 8-device
-subprocess, beside the flow U-Net's (one JAX start for both)."""
+new: the autoencoders (a GAN's state) and the two-stage runs' frozen first stage inside
+ema_params. One device against eight for the same families (`conftest.family_specs`)
+runs in test_mesh.py's 8-device subprocess, beside the flow U-Net's (one JAX start for
+both)."""
 
 import json
 import shutil
@@ -18,13 +19,13 @@ from medjax import train
 from conftest import TWO_STAGE_SAVES, family_specs
 from test_train import saved_params
 
-# A backbone (mamba) has no state of its own to resume; the autoencoders' state is the
-# GAN translators' plus one running scalar. Both checks pass for `vae` and `vqvae` too,
-# at ~40 s more of the suite's 10 minutes.
+# A backbone (mamba) has no state of its own to resume. The autoencoders' state is the
+# GAN translators' (the tiny vqvae trains its PatchGAN) plus the VAE's running latent std.
 pytestmark = pytest.mark.xdist_group("two_stage")  # one worker trains the first stages
 
 # family → the session fixture holding its trained tiny run (tests/conftest.py)
-TRAINED = {"latent": "tiny_latent_run", "autoregressive": "tiny_ar_run"}
+TRAINED = {"vae": "tiny_vae_run", "vqvae": "tiny_vq_run", "latent": "tiny_latent_run",
+           "autoregressive": "tiny_ar_run"}
 
 
 @pytest.mark.parametrize("name", sorted(TRAINED))

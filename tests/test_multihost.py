@@ -48,7 +48,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
   config.train.total_steps = config.checkpoint.every = config.eval.every = STEPS
   config.train.log_every = 1
   experiment = write_experiment(tmp_path, config)
-  # Every process compiles as the tests do (-O0, conftest): the runs compared bitwise
+  # Every process compiles as the tests do (conftest.TEST_FLAGS): the runs compared bitwise
   # share their flags; only the device count differs.
   env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SLURM_NTASKS")},
          "XLA_FLAGS": OPT_FLAG}

@@ -57,7 +57,7 @@ def test_notebook_executes_and_shows_its_plots(name, tmp_path, monkeypatch):
   scratch = tmp_path / "tmp"
   scratch.mkdir()
   monkeypatch.setenv("TMPDIR", str(scratch))
-  # The kernel compiles as the tests do (-O0, conftest), with no device-count flag.
+  # The kernel compiles as the tests do (conftest.TEST_FLAGS), with no device-count flag.
   monkeypatch.setenv("XLA_FLAGS", OPT_FLAG)
   notebook = jupytext.read(ROOT / "notebooks" / f"{name}.py")
   inject_parameters(notebook, {**parameters, "WORKDIR": None})

@@ -96,7 +96,7 @@ def test_killed_sweep_resumes_only_unfinished_points(tmp_path):
   root = tmp_path / "sweep"
   command = [sys.executable, "-m", "medjax.cli", "sweep", "--config", experiment,
              "--sweep", str(sweep_file), "--workdir", str(root), "--parallel", "2"]
-  # No device-count flag from this process; the tests' -O0 compilation (conftest) kept.
+  # No device-count flag from this process; the tests' compile flags (conftest.TEST_FLAGS) kept.
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": OPT_FLAG}
   names = ["lr0.001_seed0", "lr0.001_seed1", "lr0.003_seed0", "lr0.003_seed1"]
 
