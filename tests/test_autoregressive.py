@@ -167,6 +167,11 @@ def test_token_noise_corrupts_only_the_inputs_and_dropout_only_training(jiggled,
   train_b = dropped.token_loss(params, source, tokens, jax.random.key(2))[0]
   assert train_a != train_b and train_a != clean
   assert dropped.token_loss(params, source, tokens)[0] == clean
+  # the train step draws its dropout (and noise) from the run's key folded with the step
+  state = dropped.init(jax.random.key(0), batch).replace(params=params)
+  losses = [float(dropped.train_step(state.replace(step=jnp.int32(step)), batch,
+                                     jax.random.key(1))[1]["loss"]) for step in (0, 0, 1)]
+  assert losses[0] == losses[1] != losses[2]
   cached = dropped.sample_tokens(params, source, jax.random.key(4))
   np.testing.assert_array_equal(cached, build().sample_tokens(params, source,
                                                               jax.random.key(4)))

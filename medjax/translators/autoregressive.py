@@ -188,6 +188,7 @@ class Autoregressive(base.Translator):
     return self.token_loss(params[NET], batch["source"], tokens)
 
   def train_step(self, state, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)  # the run's key: a new one every step
     tokens = self.target_tokens(state.ema_params[FIRST_STAGE], batch["target"])
     return self.staged_step(state, self.token_loss, batch["source"], tokens, rng)
 
