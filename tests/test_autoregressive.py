@@ -63,8 +63,13 @@ def ar_config(**translator):
   return config
 
 
-def build(**translator):
-  return ar.Autoregressive(ar_config(**translator), tokenizer=PoolTokenizer())
+def build(dropout=None, **translator):
+  """The tiny translator on the stand-in tokenizer; `dropout`: model.dropout if given
+  (the experiment's own otherwise)."""
+  config = ar_config(**translator)
+  if dropout is not None:
+    config.model.dropout = dropout
+  return ar.Autoregressive(config, tokenizer=PoolTokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +143,14 @@ def test_token_noise_corrupts_only_the_inputs_and_dropout_only_training(jiggled,
   """translator.token_noise replaces about that fraction of the decoder's input tokens by
   random codes while the loss still scores the real tokens; model.dropout changes the
   training pass only; with neither, a training pass is the plain one."""
-  translator, params = jiggled
+  _, params = jiggled
+  plain = build(dropout=0.0)
   source = batch["source"][:2]
   tokens = jax.random.randint(jax.random.key(3), (2, 64), 0, 8)
-  clean = translator.token_loss(params, source, tokens)[0]
+  clean = plain.token_loss(params, source, tokens)[0]
   # neither regulariser: a keyed (training) pass is the unkeyed one, bit for bit
-  assert translator.token_loss(params, source, tokens, jax.random.key(5))[0] == clean
-  noisy = build(token_noise=0.5)
+  assert plain.token_loss(params, source, tokens, jax.random.key(5))[0] == clean
+  noisy = build(dropout=0.0, token_noise=0.5)
   seen = []
   original = noisy.apply
   noisy.apply = lambda p, s, inputs, *args, **kw: (seen.append(inputs),
@@ -160,9 +166,7 @@ def test_token_noise_corrupts_only_the_inputs_and_dropout_only_training(jiggled,
   with pytest.raises(ValueError, match="token_noise"):
     build(token_noise=1.0)
   # dropout: the training pass depends on its key, the evaluation pass is the plain model's
-  config = ar_config()
-  config.model.dropout = 0.5
-  dropped = ar.Autoregressive(config, tokenizer=PoolTokenizer())
+  dropped = build(dropout=0.5)
   train_a = dropped.token_loss(params, source, tokens, jax.random.key(1))[0]
   train_b = dropped.token_loss(params, source, tokens, jax.random.key(2))[0]
   assert train_a != train_b and train_a != clean
@@ -173,8 +177,8 @@ def test_token_noise_corrupts_only_the_inputs_and_dropout_only_training(jiggled,
                                      jax.random.key(1))[1]["loss"]) for step in (0, 0, 1)]
   assert losses[0] == losses[1] != losses[2]
   cached = dropped.sample_tokens(params, source, jax.random.key(4))
-  np.testing.assert_array_equal(cached, build().sample_tokens(params, source,
-                                                              jax.random.key(4)))
+  np.testing.assert_array_equal(cached, plain.sample_tokens(params, source,
+                                                             jax.random.key(4)))
 
 
 def test_train_steps_lower_the_loss_then_sample(batch):
