@@ -26,7 +26,8 @@ TEST_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitte
 for _flag in TEST_FLAGS:
   if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-OPT_FLAG = " ".join(TEST_FLAGS)  # what the subprocesses that set XLA_FLAGS themselves add
+# What the subprocesses that set XLA_FLAGS themselves put in it.
+XLA_TEST_FLAGS = " ".join(TEST_FLAGS)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

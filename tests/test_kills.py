@@ -19,7 +19,7 @@ import pytest
 
 from medjax import cli, files, train
 
-from conftest import OPT_FLAG, ROOT, tiny_config
+from conftest import XLA_TEST_FLAGS, ROOT, tiny_config
 from test_train import write_experiment
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,8 @@ def medjax(*argv) -> int:
 def killed(pattern: str, count: int, *argv):
   """Run `medjax argv` in a subprocess that dies writing the count-th file like pattern."""
   # one device, and the same XLA options as this process (its results are compared bitwise)
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": OPT_FLAG}
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+         "XLA_FLAGS": XLA_TEST_FLAGS}
   process = subprocess.run([sys.executable, KILL, pattern, str(count), "medjax",
                             *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import OPT_FLAG, ROOT, tiny_config
+from conftest import XLA_TEST_FLAGS, ROOT, tiny_config
 from test_train import write_experiment
 
 STEPS = 3
@@ -51,14 +51,15 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
   # Every process compiles as the tests do (conftest.TEST_FLAGS): the runs compared bitwise
   # share their flags; only the device count differs.
   env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SLURM_NTASKS")},
-         "XLA_FLAGS": OPT_FLAG}
+         "XLA_FLAGS": XLA_TEST_FLAGS}
   env["JAX_PLATFORMS"] = "cpu"
 
   def train(workdir, *extra, xla_flags=None):
     return subprocess.Popen(
         [sys.executable, "-m", "medjax.cli", "train", "--config", experiment,
          "--workdir", str(tmp_path / workdir), *extra],
-        cwd=ROOT, env={**env, **({"XLA_FLAGS": f"{OPT_FLAG} {xla_flags}"} if xla_flags else {})},
+        cwd=ROOT,
+        env={**env, **({"XLA_FLAGS": f"{XLA_TEST_FLAGS} {xla_flags}"} if xla_flags else {})},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
   coordinator = f"localhost:{free_port()}"

@@ -13,7 +13,7 @@ import jupytext
 import nbclient
 import pytest
 
-from conftest import OPT_FLAG
+from conftest import XLA_TEST_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Notebook → the plots it must show (image/png outputs), and its tiny parameters.
@@ -58,7 +58,7 @@ def test_notebook_executes_and_shows_its_plots(name, tmp_path, monkeypatch):
   scratch.mkdir()
   monkeypatch.setenv("TMPDIR", str(scratch))
   # The kernel compiles as the tests do (conftest.TEST_FLAGS), with no device-count flag.
-  monkeypatch.setenv("XLA_FLAGS", OPT_FLAG)
+  monkeypatch.setenv("XLA_FLAGS", XLA_TEST_FLAGS)
   notebook = jupytext.read(ROOT / "notebooks" / f"{name}.py")
   inject_parameters(notebook, {**parameters, "WORKDIR": None})
   client = nbclient.NotebookClient(notebook, timeout=240, kernel_name=kernel_name(),

@@ -13,7 +13,7 @@ import pytest
 from medjax import cli, sweep
 from medjax.sweep import devices, grid, runner
 
-from conftest import OPT_FLAG, ROOT, tiny_config
+from conftest import XLA_TEST_FLAGS, ROOT, tiny_config
 from test_train import write_experiment
 
 
@@ -97,7 +97,8 @@ def test_killed_sweep_resumes_only_unfinished_points(tmp_path):
   command = [sys.executable, "-m", "medjax.cli", "sweep", "--config", experiment,
              "--sweep", str(sweep_file), "--workdir", str(root), "--parallel", "2"]
   # No device-count flag from this process; the tests' compile flags (conftest.TEST_FLAGS) kept.
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": OPT_FLAG}
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+         "XLA_FLAGS": XLA_TEST_FLAGS}
   names = ["lr0.001_seed0", "lr0.001_seed1", "lr0.003_seed0", "lr0.003_seed1"]
 
   # Emitting a SLURM array runs nothing.
