@@ -114,8 +114,7 @@ class AutoEncoding(base.Translator):
     """(reconstruction, loss without the adversarial term, metrics, state updates)."""
     raise NotImplementedError
 
-  def train_step(self, state, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
+  def step_update(self, state, batch, rng):
 
     def loss_fn(params):
       recon, loss, metrics, updates = self.objective(params, batch, rng)

@@ -187,8 +187,7 @@ class Autoregressive(base.Translator):
     tokens = self.target_tokens(params[FIRST_STAGE], batch["target"])
     return self.token_loss(params[NET], batch["source"], tokens)
 
-  def train_step(self, state, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)  # the run's key: a new one every step
+  def step_update(self, state, batch, rng):
     tokens = self.target_tokens(state.ema_params[FIRST_STAGE], batch["target"])
     return self.staged_step(state, self.token_loss, batch["source"], tokens, rng)
 

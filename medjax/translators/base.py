@@ -157,7 +157,13 @@ class Translator:
     return params if self.registration is None else params[registration_lib.GENERATOR]
 
   def train_step(self, state: TrainState, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
+    """One optimisation step. `rng` is the run's key; this step's key is it folded with
+    `state.step`, here and nowhere else, so a step's randomness depends on seed and step
+    alone (docs/design.md, "The training loop", Randomness). Methods override `step_update`, not this."""
+    return self.step_update(state, batch, jax.random.fold_in(rng, state.step))
+
+  def step_update(self, state: TrainState, batch, rng):
+    """The step proper, on this step's key: differentiate `loss`, update, EMA."""
     (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

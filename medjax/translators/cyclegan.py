@@ -126,8 +126,8 @@ class CycleGAN(gan.GANTranslator):
     return self.new_state(params, disc_params, state_class=CycleState, pool_a=pool(source),
                           pool_b=pool(target), pool_count=jnp.zeros((), jnp.int32))
 
-  def train_step(self, state: CycleState, batch, rng):
-    rng_a, rng_b = jax.random.split(jax.random.fold_in(rng, state.step))
+  def step_update(self, state: CycleState, batch, rng):
+    rng_a, rng_b = jax.random.split(rng)
     real_a, real_b = batch["source"], batch["target"]
     channels = real_a.shape[-1]
     same_channels = channels == real_b.shape[-1]

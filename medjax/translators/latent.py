@@ -108,8 +108,7 @@ class Latent:
                            ema_params={NET: params, base.FIRST_STAGE: vae_params},
                            opt_state=self.tx.init(params))
 
-  def train_step(self, state, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
+  def step_update(self, state, batch, rng):
     latent = self.latent_batch(state.ema_params[base.FIRST_STAGE], batch)
     return self.staged_step(state, self.loss, latent, rng)
 

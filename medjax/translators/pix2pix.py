@@ -48,8 +48,7 @@ class Pix2Pix(gan.GANTranslator):
         rng_d, jnp.concatenate([source, target], -1), train=False)["params"]
     return self.new_state(params, disc_params)
 
-  def train_step(self, state: gan.GANState, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
+  def step_update(self, state: gan.GANState, batch, rng):
     source, target = batch["source"], batch["target"]
 
     def g_loss(params):
