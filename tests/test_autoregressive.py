@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medjax import config as config_lib
+from medjax import models
 from medjax import run as run_lib
 from medjax import train
 from medjax.data import pipeline
@@ -110,6 +111,25 @@ def test_decoder_is_causal(jiggled, batch):
   # Position j predicts token j from tokens < j: token i reaches positions > i only.
   np.testing.assert_array_equal(diff[:i + 1], 0.0)
   assert np.all(diff[i + 1:] > 0)
+
+
+@pytest.mark.parametrize("stem", [0, 4])
+def test_source_embedding_cells_disjoint_without_stem_overlapping_with_it(stem):
+  """The patch embedding reads each token's factor×factor square alone. The stem's two
+  3×3 stride-2 convolutions ('SAME': padded after) give token q the pixels 4q … 4q+6, so
+  the pixel at (4, 4), the corner of cell (1, 1), reaches cells {0, 1}² (closed form)."""
+  model = models.build("ar_transformer", codebook_size=8, factor=4, width=8, depth=1,
+                          heads=2, stem=stem)
+  source = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
+  params = model.init(jax.random.key(1), source, jnp.zeros((1, 16), jnp.int32))
+  embed = jax.jit(lambda s: model.apply(params, s, method="embed_source"))
+  changed = np.abs(np.asarray(embed(source.at[0, 4, 4].add(1.0)) - embed(source)))
+  reached = {divmod(i, 4) for i in np.flatnonzero(changed[0].max(-1) > 0)}
+  assert reached == ({(1, 1)} if stem == 0 else {(0, 0), (0, 1), (1, 0), (1, 1)})
+  if stem:
+    with pytest.raises(ValueError, match="model.stem=4 needs .* factor that is a power of 2"):
+      models.build("ar_transformer", codebook_size=8, factor=3, stem=4).init(
+          jax.random.key(1), source[:, :15, :15], jnp.zeros((1, 25), jnp.int32))
 
 
 def test_top_k_samples_only_the_k_best_and_temperature_zero_is_argmax():

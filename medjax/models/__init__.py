@@ -98,6 +98,10 @@ OPTIONS = {
         "mlp_ratio": (4.0, "MLP hidden width over the token width"),
         "dropout": (0.0, "dropout on each layer's attention and MLP branch while training "
                          "(teacher forcing; the sampler never drops)"),
+        "stem": (0, "source encoder's input: 0, one linear embedding of each token's "
+                    "factor×factor patch | C, a convolutional stem: 3×3 stride-2 "
+                    "convolutions of C, 2C, … channels down to the token grid (overlapping "
+                    "receptive fields)"),
         "context": (256, "the most tokens a grid may hold (learned positions): the image "
                          "sides over the tokenizer's factor, multiplied"),
         "dtype": DTYPE,

@@ -1,8 +1,12 @@
 """Encoder–decoder transformer over a VQ token grid (docs/design.md, "Autoregressive
 translator").
 
-Encoder: the source image → a convolution with kernel = stride = the tokenizer's `factor`
-(one vector per token of the target's grid) → learned positions → `depth` bidirectional
+Encoder: the source image → one vector per token of the target's grid: a convolution with
+kernel = stride = the tokenizer's `factor` (`stem=0`), or a convolutional stem (`stem=C`:
+3×3 convolutions of stride 2, C, 2C, … channels, GELU between, halving the image
+log2(factor) times, then a 1×1 convolution to the width; Xiao et al. 2021, "Early
+convolutions help transformers see better": overlapping receptive fields, where the
+patch embedding cuts the image into disjoint squares) → learned positions → `depth` bidirectional
 pre-LN layers → LayerNorm: the memory. Decoder: the target tokens in raster (row-major)
 order shifted right behind a BOS token (id `codebook_size`) → token + learned position
 embeddings + a projection (zero-initialised) of the memory vector of the same grid cell
@@ -154,6 +158,7 @@ class ARTransformer(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   dropout: float = 0.0  # residual-branch dropout while training (teacher forcing only)
+  stem: int = 0  # 0: the linear patch embedding; C: a stride-2 conv stem from C channels
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
@@ -163,8 +168,19 @@ class ARTransformer(nn.Module):
       raise ValueError("model.depth, model.context, the codebook size and the factor must be "
                        f"≥ 1, got {self.depth}, {self.context}, {self.codebook_size}, "
                        f"{self.factor}")
-    patch = (self.factor,) * self.dims
-    self.patch_embed = nn.Conv(self.width, patch, strides=patch, padding="VALID", dtype=dtype)
+    if self.stem:
+      halvings = self.factor.bit_length() - 1
+      if self.stem < 0 or self.factor != 2 ** halvings:
+        raise ValueError(f"model.stem={self.stem} needs stem ≥ 0 and a tokenizer factor that "
+                         f"is a power of 2, got factor {self.factor}")
+      kernel, stride = (3,) * self.dims, (2,) * self.dims
+      self.stem_convs = [nn.Conv(self.stem * 2 ** i, kernel, strides=stride, dtype=dtype)
+                         for i in range(halvings)]
+      self.patch_embed = nn.Conv(self.width, (1,) * self.dims, dtype=dtype)
+    else:
+      patch = (self.factor,) * self.dims
+      self.patch_embed = nn.Conv(self.width, patch, strides=patch, padding="VALID",
+                                 dtype=dtype)
     init = nn.initializers.normal(0.02)
     self.source_position = self.param("source_position", init, (self.context, self.width))
     self.token_position = self.param("token_position", init, (self.context, self.width))
@@ -187,11 +203,17 @@ class ARTransformer(nn.Module):
     """The token grid of a source of this shape; a ValueError if it does not fit."""
     return token_grid(source_shape, self.dims, self.factor, self.context)
 
+  def embed_source(self, source):
+    """(B, N, W): one vector per token cell, raster order, before positions and layers."""
+    n = int(np.prod(self.grid(source.shape)))
+    h = source
+    for conv in self.stem_convs if self.stem else ():
+      h = nn.gelu(conv(h))  # 'SAME' padding, stride 2: each side halves exactly
+    return self.patch_embed(h).reshape(source.shape[0], n, self.width)
+
   def memory(self, source, train: bool = False):
-    grid = self.grid(source.shape)
-    n = int(np.prod(grid))
-    h = self.patch_embed(source).reshape(source.shape[0], n, self.width)
-    h = h + self.source_position[:n].astype(h.dtype)
+    h = self.embed_source(source)
+    h = h + self.source_position[:h.shape[1]].astype(h.dtype)
     for layer in self.encoder:
       h = layer(h, train)
     return self.encoder_norm(h)
