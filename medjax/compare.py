@@ -228,7 +228,10 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
   chunk = first.source[:config.eval.batch_size]
   for _ in range(2):
     start = time.perf_counter()
-    evaluate.translate_volume(fn, run.params, chunk, rng, run.mesh, config.eval.batch_size)
+    if evaluate.dims(config) == 2:  # the scored path, mirror TTA (eval.tta) included
+      evaluate.predict_volume(run, chunk, rng)
+    else:
+      evaluate.translate_volume(fn, run.params, chunk, rng, run.mesh, config.eval.batch_size)
     sample_seconds = (time.perf_counter() - start) / len(chunk)
 
   summary, _, predictions = evaluate.evaluate(run, volumes)

@@ -2,12 +2,14 @@
 teacher-forced loss, learning and sampling on the phantom, bad configs."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medjax import compare
 from medjax import config as config_lib
 from medjax import models
 from medjax import run as run_lib
@@ -278,3 +280,28 @@ def test_bad_tokenizers_are_one_line_config_errors(vq_run, tmp_path):
   assert "a 'flow' run, not a vqvae run" in error(flow)
   assert "(64 tokens) is longer than model.context=16" in error(vq_run, context=16)
   assert "translator.tokenizer is empty" in error("")
+
+
+def test_compare_times_the_scored_path_both_orders_included(tiny_ar_run, tmp_path,
+                                                            monkeypatch):
+  """The experiment scores with mirror TTA, so `medjax compare`'s sampling time must cover
+  both orders: each of its two timed passes translates the chunk and its mirror (H)."""
+  workdir, _ = tiny_ar_run
+  seen, real = [], compare.evaluate.translate_volume
+
+  def spy(fn, params, volume, *args, **kwargs):
+    seen.append(np.asarray(volume))
+    return real(fn, params, volume, *args, **kwargs)
+
+  def stop(*args, **kwargs):
+    raise RuntimeError("scoring")
+  monkeypatch.setattr(compare.evaluate, "translate_volume", spy)
+  monkeypatch.setattr(compare.evaluate, "evaluate", stop)  # timing is all this test needs
+  monkeypatch.setattr(compare.train, "train_and_evaluate", lambda config, target, mesh=None:
+                      shutil.copytree(workdir, target, dirs_exist_ok=True))
+  spec = f"{EXPERIMENT}:size=tiny,tokenizer={run_lib.Run.load(workdir).config.translator.tokenizer}"
+  with pytest.raises(RuntimeError, match="scoring"):
+    compare.run_one(spec, str(tmp_path), compare.Budget(train_steps=6, sweep_steps=()))
+  assert len(seen) == 4
+  for plain, mirrored in (seen[:2], seen[2:]):
+    np.testing.assert_array_equal(mirrored, np.flip(plain, 1))
