@@ -81,15 +81,23 @@ def translate_test_subject(workdir, data, out_root, target) -> dict:
 
 def test_translating_without_a_mask_scores_what_the_evaluation_scored(
     phantom_files, tmp_path, capsys):
-  """T1w → T2w in 2D. The CT target (HU out, the synthrad2023 protocol) takes the same
-  path in the 3D test below, with the same checks."""
+  """T1w → T2w in 2D, the run scoring with mirror TTA (as experiments/phantom_ar.py's
+  do): `medjax translate` takes the run's eval.tta unless told otherwise. The CT target
+  (HU out, the synthrad2023 protocol) takes the same path in the 3D test below, with the
+  same checks."""
   target = "t2w"
   workdir = tmp_path / "run"
   assert medjax("train", "--config", tiny_spec("regression", target), "--workdir", workdir,
-                *OVERRIDES, *steps(STEPS)) == 0
+                *OVERRIDES, *steps(STEPS), "--config.eval.tta=flip") == 0
   assert medjax("evaluate", "--workdir", workdir, "--split", "test") == 0
   evaluated = json.loads((workdir / "eval" / str(STEPS) / "test_summary.json").read_text())
-  assert evaluated["subjects"] == 1
+  assert evaluated["subjects"] == 1 and evaluated["tta"] == "flip"
+  one_order = tmp_path / "tta_none"
+  assert medjax("translate", "--workdir", workdir, "--tta", "none", "--input",
+                phantom_files / TEST_SUBJECT / "t1w.nii.gz", "--output",
+                one_order / f"{TEST_SUBJECT}.nii.gz") == 0
+  # The mirror changes the prediction, so the default below is seen to be the run's flip.
+  assert abs(scored_psnr(one_order, phantom_files, target) - evaluated["model"]["psnr"]) > 1e-4
   scores = translate_test_subject(workdir, phantom_files, tmp_path, target)
   psnr = {given: metrics["psnr"]["mean"] for given, metrics in scores.items()}
   print(target, psnr, "evaluation:", evaluated["model"]["psnr"], capsys.readouterr().err[-300:])
