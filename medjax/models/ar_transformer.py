@@ -6,8 +6,8 @@ kernel = stride = the tokenizer's `factor` (`stem=0`), or a convolutional stem (
 3×3 convolutions of stride 2, C, 2C, … channels, GELU between, halving the image
 log2(factor) times, then a 1×1 convolution to the width; Xiao et al. 2021, "Early
 convolutions help transformers see better": overlapping receptive fields, where the
-patch embedding cuts the image into disjoint squares) → learned positions → `depth` bidirectional
-pre-LN layers → LayerNorm: the memory. Decoder: the target tokens in raster (row-major)
+patch embedding cuts the image into disjoint squares) → learned positions → `depth`
+bidirectional pre-LN layers → LayerNorm: the memory. Decoder: the target tokens in raster (row-major)
 order shifted right behind a BOS token (id `codebook_size`) → token + learned position
 embeddings + a projection (zero-initialised) of the memory vector of the same grid cell
 (the source and target grids are aligned: position i, which predicts token i, reads the

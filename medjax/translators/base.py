@@ -159,7 +159,8 @@ class Translator:
   def train_step(self, state: TrainState, batch, rng):
     """One optimisation step. `rng` is the run's key; this step's key is it folded with
     `state.step`, here and nowhere else, so a step's randomness depends on seed and step
-    alone (docs/design.md, "The training loop", Randomness). Methods override `step_update`, not this."""
+    alone (docs/design.md, "The training loop", Randomness). Methods override
+    `step_update`, not this."""
     return self.step_update(state, batch, jax.random.fold_in(rng, state.step))
 
   def step_update(self, state: TrainState, batch, rng):
