@@ -41,13 +41,13 @@ What each piece gives (test; 4 draws, or 4 draws × 2 orders with TTA):
 draws in two orders are above it in all three. Without dropout (1500 steps, 10 min) the
 patch-embedding model reached val 19.09 / 0.790 / 0.0665, and trained longer it levelled
 off from step 2000 while its training token accuracy climbed from 0.83 to 0.95: it learnt
-the training subjects by heart. Dropout keeps validation rising to ~2500 steps. Not better: dropout 0.2 or 0.3,
-translator.token_noise=0.1, train.weight_decay=0.05 (val 18.85 / 0.776 at step 1000
-against 18.90 / 0.779), sampling at temperature 0.7 or top-k 8, and a tokenizer trained
-3000 steps (ceiling val 20.42 / 0.850, test 19.57 / 0.830, yet the translator on it
-reached val 19.30 / 0.807 at step 2500 against 19.49 / 0.809 on this one). On a tokenizer
-of 512 codes it reached only 18.40 / 0.745: fewer codes, more of them used, are easier to
-predict.
+the training subjects by heart. Dropout keeps validation rising to ~2500 steps. Not
+better: dropout 0.2 or 0.3, translator.token_noise=0.1, train.weight_decay=0.05 (val
+18.85 / 0.776 at step 1000 against 18.90 / 0.779), sampling at temperature 0.7 or top-k
+8, and a tokenizer trained 3000 steps (ceiling val 20.42 / 0.850, test 19.57 / 0.830, yet
+the translator on it reached val 19.30 / 0.807 at step 2500 against 19.49 / 0.809 on this
+one). On a tokenizer of 512 codes it reached only 18.40 / 0.745: fewer codes, more of
+them used, are easier to predict.
 """
 
 from medjax import config as config_lib
