@@ -121,7 +121,7 @@ def test_source_embedding_cells_disjoint_without_stem_overlapping_with_it(stem):
   3×3 stride-2 convolutions ('SAME': padded after) give token q the pixels 4q … 4q+6, so
   the pixel at (4, 4), the corner of cell (1, 1), reaches cells {0, 1}² (closed form)."""
   model = models.build("ar_transformer", codebook_size=8, factor=4, width=8, depth=1,
-                          heads=2, stem=stem)
+                       heads=2, stem=stem)
   source = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
   params = model.init(jax.random.key(1), source, jnp.zeros((1, 16), jnp.int32))
   embed = jax.jit(lambda s: model.apply(params, s, method="embed_source"))
@@ -299,7 +299,8 @@ def test_compare_times_the_scored_path_both_orders_included(tiny_ar_run, tmp_pat
   monkeypatch.setattr(compare.evaluate, "evaluate", stop)  # timing is all this test needs
   monkeypatch.setattr(compare.train, "train_and_evaluate", lambda config, target, mesh=None:
                       shutil.copytree(workdir, target, dirs_exist_ok=True))
-  spec = f"{EXPERIMENT}:size=tiny,tokenizer={run_lib.Run.load(workdir).config.translator.tokenizer}"
+  tokenizer = run_lib.Run.load(workdir).config.translator.tokenizer
+  spec = f"{EXPERIMENT}:size=tiny,tokenizer={tokenizer}"
   with pytest.raises(RuntimeError, match="scoring"):
     compare.run_one(spec, str(tmp_path), compare.Budget(train_steps=6, sweep_steps=()))
   assert len(seen) == 4
