@@ -1,6 +1,7 @@
 r"""One train step, medjax (jax) against the same-width MONAI U-Net (PyTorch), same batch.
 
   python benchmarks/train_step.py                                # the default experiment
+  python benchmarks/train_step.py --host jax                     # … under jax's defaults
   python benchmarks/train_step.py --preset shards --size 128 --batch 4
   python benchmarks/train_step.py --preset shards --size 256 --batch 32 --dtype bfloat16
   python benchmarks/train_step.py --config experiments/phantom.py:method=flow \
@@ -9,7 +10,9 @@ r"""One train step, medjax (jax) against the same-width MONAI U-Net (PyTorch), s
                                                                  #   summarised per op kind
 
 medjax side: built as `medjax.train.train_and_evaluate` builds it — `translators.build`,
-`run.create_state`, `train.make_train_step` (jit, shardings, state donated) — and timed
+`run.create_state`, `train.make_train_step` (jit, shardings, state donated) over the mesh
+`parallel.mesh_for` gives, in a process set up as the commands set it up (`--host medjax`:
+`medjax.host.configure`, on a CPU one device per core; `--host jax`: jax's defaults) — and timed
 with `block_until_ready` after every step. MONAI side: `monai.networks.nets.
 DiffusionModelUNet` of the same widths (levels, res blocks, attention levels, heads,
 GroupNorm) trained with the same flow-matching loss (t ~ logit-normal, x_t = (1-t)·noise
@@ -86,21 +89,6 @@ def medjax_tree() -> str:
     return head
   import hashlib
   return f"{head}+medjax-diff:{hashlib.sha1(diff).hexdigest()[:8]}"
-
-
-def tune_glibc_malloc() -> bool:
-  """glibc's malloc serves XLA:CPU's per-execution temporary buffer (hundreds of MB) with
-  a fresh mmap and gives it back with munmap after every step: ~110 000 page faults a
-  step at the default size. One arena, no mmap and no trimming keep the pages mapped
-  and reused. Must run before jax starts its threads (they pick arenas at first use)."""
-  import ctypes
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-  return all(libc.mallopt(option, value) == 1 for option, value in (
-      (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def load_avg() -> float:
@@ -932,14 +920,16 @@ def main(argv=None) -> int:
   parser.add_argument("--parts", action="store_true",
                       help="also time the step's pieces alone (forward, backward, "
                            "optimiser, EMA)")
-  parser.add_argument("--mallopt", action="store_true",
-                      help="keep glibc malloc from mapping and unmapping XLA's temporary "
-                           "buffer every step (one arena, no mmap, no trim; "
-                           "docs/cpu_profile.md); LD_PRELOAD=libtcmalloc_minimal.so.4 is "
-                           "the other way")
+  parser.add_argument("--host", choices=("medjax", "jax"), default="medjax",
+                      help="medjax (default): the process set up as the medjax commands set "
+                           "it up (medjax/host.py: glibc malloc kept from remapping XLA's "
+                           "temporaries, one CPU device per core); jax: jax's defaults "
+                           "(one CPU device, glibc's malloc), the issue's baseline. "
+                           "Process-wide: MONAI's side runs under the same malloc")
   args, rest = parser.parse_known_args(argv)
-  if args.mallopt:
-    tune_glibc_malloc()
+  if args.host == "medjax":
+    from medjax import host
+    host.configure()
   overrides = []
   for item in rest:
     if not item.startswith("--config."):
@@ -1013,7 +1003,7 @@ def main(argv=None) -> int:
   result = {"medjax_img_per_s": None, "monai_img_per_s": None, "ratio": None,
             "peak_bytes": None, "flops_per_step": None, "mfu": None,
             "device": device_name, "dtype": args.dtype, "config": description,
-            "load_avg": None}
+            "load_avg": None, "host": args.host}
   if medjax:
     result["medjax_img_per_s"] = round(b / statistics.median(times["medjax"]), 2)
     result["medjax_best_img_per_s"] = round(b / min(times["medjax"]), 2)

@@ -126,6 +126,11 @@ class Profiler:
       self.active = False
 
 
+def _devices(mesh) -> str:
+  """'2 cpu devices', '1 gpu device' (the bar says how the batch is split)."""
+  return f"{mesh.size} {mesh.devices.flat[0].platform} device{'s' * (mesh.size > 1)}"
+
+
 def _first_process() -> bool:
   return jax.process_index() == 0
 
@@ -177,7 +182,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   run = Run(workdir, config, recipe, baseline, translator, None, start, mesh)
   writer = logging_lib.MetricWriter(workdir)
   total = config.train.total_steps
-  bar = tqdm(total=total, initial=start, desc=f"train {translator.name}", unit="step",
+  bar = tqdm(total=total, initial=start, desc=f"train {translator.name} on {_devices(mesh)}",
+             unit="step",
              dynamic_ncols=True, disable=not config.logging.progress or jax.process_index() != 0)
   profiler = Profiler(config.train.profile_steps, workdir)
   summary = None

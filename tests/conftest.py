@@ -28,6 +28,11 @@ for _flag in TEST_FLAGS:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 # What the subprocesses that set XLA_FLAGS themselves put in it.
 XLA_TEST_FLAGS = " ".join(TEST_FLAGS)
+# The commands give a CPU run one device per core (medjax/host.py). The tests call them in
+# this process too, where whichever ran first would fix every later test's device count:
+# one device here and in the subprocesses, unless a test asks for more (test_host.py
+# checks the commands' own rule in a clean environment).
+os.environ.setdefault("MEDJAX_CPU_DEVICES", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -42,7 +42,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  from medjax import compare, parallel
+  from medjax import host, compare, parallel
+  host.configure()
   parallel.enable_compilation_cache()
   budget = compare.Budget(
       train_steps=args.train_steps, train_seconds=args.train_seconds,

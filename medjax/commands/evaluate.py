@@ -30,7 +30,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  from medjax import evaluate, parallel
+  from medjax import host, evaluate, parallel
+  host.configure()
   from medjax.run import Run
   parallel.enable_compilation_cache()
   prefix = f"{args.split}_"

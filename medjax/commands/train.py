@@ -46,7 +46,8 @@ def _meaning(key: str) -> str:
 
 def run(args) -> int:
   config = config_lib.load(args.config, args.overrides)
-  from medjax import parallel
+  from medjax import host, parallel
+  host.configure(multi_process=bool(args.coordinator) or parallel.cluster_environment())
   parallel.initialize(args.coordinator, args.num_processes, args.process_id)
   parallel.enable_compilation_cache()
   import jax

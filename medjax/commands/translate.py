@@ -144,7 +144,8 @@ def _check(args) -> None:
 
 def run(args) -> int:
   _check(args)
-  from medjax import infer, parallel
+  from medjax import host, infer, parallel
+  host.configure()
   from medjax.ensemble import Ensemble
   from medjax.run import Run
   parallel.enable_compilation_cache()
