@@ -71,12 +71,20 @@ def test_unknown_key_and_bad_sweep_files(tmp_path, capsys):
     grid.load_sweep(str(uneven))
 
 
-def test_slot_environment_pins_each_point():
+def test_slot_environment_pins_each_point(monkeypatch):
   assert devices.slot_env("gpu", ["0", "1", "2", "3"], 1, 2) == {"CUDA_VISIBLE_DEVICES": "2,3"}
   tpu = devices.slot_env("tpu", ["0", "1", "2", "3"], 3, 1)
   assert tpu["TPU_VISIBLE_CHIPS"] == "3" and tpu["TPU_PROCESS_BOUNDS"] == "1,1,1"
-  assert devices.slot_env("cpu", [], 0, 1) == {}
   assert "--xla_force_host_platform_device_count=4" in devices.slot_env("cpu", [], 0, 4)["XLA_FLAGS"]
+  # one device per run on a CPU: the points running at once share the cores
+  from medjax import host
+  monkeypatch.delenv("MEDJAX_CPU_DEVICES")
+  monkeypatch.setattr(host, "cores", lambda: 8)
+  shares = [devices.slot_env("cpu", [], 0, 1, slots=n)["MEDJAX_CPU_DEVICES"]
+            for n in (1, 2, 3, 8, 16)]
+  assert shares == ["8", "4", "2", "1", "1"]
+  monkeypatch.setenv("MEDJAX_CPU_DEVICES", "3")  # the user's own count is kept
+  assert devices.slot_env("cpu", [], 0, 1, slots=2) == {}
 
 
 SWEEP_FILE = """

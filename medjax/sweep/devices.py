@@ -37,10 +37,17 @@ def accelerators() -> tuple[str, list[str]]:
 _TPU_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
 
 
-def slot_env(kind: str, ids: list[str], slot: int, devices_per_run: int) -> dict[str, str]:
-  """Environment that gives slot `slot` its own `devices_per_run` accelerators."""
+def slot_env(kind: str, ids: list[str], slot: int, devices_per_run: int,
+             slots: int = 1) -> dict[str, str]:
+  """Environment that gives slot `slot` its own `devices_per_run` accelerators. On a CPU
+  with one device per run asked for, each of the `slots` points at once gets its share of
+  the cores as CPU devices (medjax/host.py): two points on 2 cores, one device each,
+  rather than two devices each fighting over both cores."""
   env = {}
   if kind == "cpu":
+    if devices_per_run == 1 and "MEDJAX_CPU_DEVICES" not in os.environ:
+      from medjax import host
+      env["MEDJAX_CPU_DEVICES"] = str(max(1, host.cores() // max(slots, 1)))
     if devices_per_run > 1:
       flags = os.environ.get("XLA_FLAGS", "")
       flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)

@@ -74,7 +74,8 @@ def run_points(jobs: list[dict], *, parallel: int, kind: str, ids: list[str],
     while pending or running:
       while pending and free:
         job, slot = pending.pop(0), free.pop(0)
-        env = {**os.environ, **devices.slot_env(kind, ids, slot, devices_per_run)}
+        env = {**os.environ, **devices.slot_env(kind, ids, slot, devices_per_run,
+                                                    slots=parallel)}
         # Each point is a one-process run, even when the sweep itself was started inside a
         # multi-task SLURM allocation (which would make `medjax train` wait for its peers).
         env.pop("SLURM_NTASKS", None)
