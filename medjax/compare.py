@@ -218,20 +218,20 @@ def run_one(spec: str, root: str, budget: Budget, mesh=None, log=print) -> dict:
   run = Run.load(workdir, mesh=mesh)
   volumes = run.eval_volumes("test")
 
-  # Sampling time per slice, compiled and warm: one evaluation batch, timed on its second run.
-  fn, rng = run.translate_fn(), evaluate.evaluation_rng(config)
+  # Sampling time per slice, compiled and warm, timed on the second run of the scored path
+  # (`predict_volume`, mirror TTA included): in 2D one evaluation batch of slices; in 3D
+  # the whole first volume, whose sliding window over patches is the unit of work (its
+  # windows are not axial slices a batch could be cut from).
+  rng = evaluate.evaluation_rng(config)
   first = volumes[0]
   names = any2any.modalities(config)
   if names:  # any-to-any: time the first evaluated direction
     available, target = any2any.directions(names, config.eval.get("directions", "standard"))[0]
     first = evaluate.direction_volumes(run, volumes[:1], available, target)[0]
-  chunk = first.source[:config.eval.batch_size]
+  chunk = first.source[:config.eval.batch_size] if evaluate.dims(config) == 2 else first.source
   for _ in range(2):
     start = time.perf_counter()
-    if evaluate.dims(config) == 2:  # the scored path, mirror TTA (eval.tta) included
-      evaluate.predict_volume(run, chunk, rng)
-    else:
-      evaluate.translate_volume(fn, run.params, chunk, rng, run.mesh, config.eval.batch_size)
+    evaluate.predict_volume(run, chunk, rng)
     sample_seconds = (time.perf_counter() - start) / len(chunk)
 
   summary, _, predictions = evaluate.evaluate(run, volumes)

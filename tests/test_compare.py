@@ -113,3 +113,32 @@ def test_a_time_budget_becomes_steps_once_and_charges_the_first_stage(tmp_path, 
   with pytest.raises(ValueError, match="first stage alone trained 20 s"):
     compare.timed_steps(spec, compare.Budget(train_seconds=15), str(tmp_path / "x"),
                         log=lambda line: None)
+
+
+@pytest.mark.slow
+def test_a_3d_run_is_timed_on_its_scored_path_over_a_whole_volume(tmp_path, monkeypatch):
+  """A 3D run's sampling time is its sliding window over the first held-out volume (the
+  scored path), per slice: not a batch of axial slices, which a 3D model cannot take."""
+  monkeypatch.chdir(ROOT)
+  seen, real = [], compare.evaluate.predict_volume
+
+  def spy(run, source, *args, **kwargs):
+    seen.append(source.shape)
+    return real(run, source, *args, **kwargs)
+
+  def stop(*args, **kwargs):
+    raise RuntimeError("scoring")
+  real_train = compare.train.train_and_evaluate
+
+  def train_then_spy(*args, **kwargs):  # the run's own evaluations are not spied on
+    result = real_train(*args, **kwargs)
+    monkeypatch.setattr(compare.evaluate, "predict_volume", spy)
+    monkeypatch.setattr(compare.evaluate, "evaluate", stop)  # timing is all this test needs
+    return result
+  monkeypatch.setattr(compare.train, "train_and_evaluate", train_then_spy)
+  spec = "experiments/phantom_mr_ct_3d.py:size=tiny"
+  with pytest.raises(RuntimeError, match="scoring"):
+    compare.run_one(spec, str(tmp_path), compare.Budget(train_steps=2, sweep_steps=()))
+  from medjax.run import Run
+  volume = Run.load(str(next(tmp_path.glob("*/*")))).eval_volumes("test")[0].source
+  assert seen == [volume.shape] * 2  # the whole volume, twice (the second run is timed)
