@@ -53,7 +53,7 @@ def tune_malloc() -> bool:
     return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h>
   return all(mallopt(option, value) == 1 for option, value in (
-      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))  # -1: never trim
 
 
 def accelerator_installed() -> bool:
