@@ -175,12 +175,11 @@ def evaluate(run, volumes, *, steps: int | None = None, samples: int | None = No
   if segmentation:
     from medjax import segmentation as segmentation_lib
     segmenter = segmentation_lib.segmenter_for(run)
-  mesh = run.mesh
   summary = {"protocol": run.protocol, "steps": steps, "samples": samples,
              "nfe_per_sample": run.translator.nfe(steps), "tta": tta, "overlap": overlap,
              # what the volumes were split over: one CPU device per core under the
              # commands (medjax/host.py), so a figure says which machine gave it
-             "devices": f"{mesh.size} {mesh.devices.flat[0].platform}"}
+             "devices": parallel.describe(run.mesh)}
   if segmenter is not None:
     summary["segmenter"] = {"modalities": list(segmenter.modalities),
                             "ceiling": segmentation_lib.val_dice(run.workdir)}

@@ -85,6 +85,11 @@ def _cpu_share(config, mesh) -> int | None:
   return max(d for d in range(1, len(devices) + 1) if batch % d == 0)
 
 
+def describe(mesh) -> str:
+  """'2 cpu', '8 gpu': what a run's batch was split over (logs, evaluation summaries)."""
+  return f"{mesh.size} {mesh.devices.flat[0].platform}"
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

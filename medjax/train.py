@@ -126,11 +126,6 @@ class Profiler:
       self.active = False
 
 
-def _devices(mesh) -> str:
-  """'2 cpu devices', '1 gpu device' (the bar says how the batch is split)."""
-  return f"{mesh.size} {mesh.devices.flat[0].platform} device{'s' * (mesh.size > 1)}"
-
-
 def _first_process() -> bool:
   return jax.process_index() == 0
 
@@ -182,9 +177,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict:
   run = Run(workdir, config, recipe, baseline, translator, None, start, mesh)
   writer = logging_lib.MetricWriter(workdir)
   total = config.train.total_steps
-  bar = tqdm(total=total, initial=start, desc=f"train {translator.name} on {_devices(mesh)}",
-             unit="step",
-             dynamic_ncols=True, disable=not config.logging.progress or jax.process_index() != 0)
+  # the bar says how the batch is split: 'train flow on 2 cpu'
+  bar = tqdm(total=total, initial=start, unit="step",
+             desc=f"train {translator.name} on {parallel.describe(mesh)}", dynamic_ncols=True,
+             disable=not config.logging.progress or jax.process_index() != 0)
   profiler = Profiler(config.train.profile_steps, workdir)
   summary = None
   window = []  # (step, device metrics) since the last log point: fetched there, at once

@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  from medjax import host, compare, parallel
+  from medjax import compare, host, parallel
   host.configure()
   parallel.enable_compilation_cache()
   budget = compare.Budget(

@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  from medjax import host, evaluate, parallel
+  from medjax import evaluate, host, parallel
   host.configure()
   from medjax.run import Run
   parallel.enable_compilation_cache()
