@@ -33,6 +33,11 @@ XLA_TEST_FLAGS = " ".join(TEST_FLAGS)
 # one device here and in the subprocesses, unless a test asks for more (test_host.py
 # checks the commands' own rule in a clean environment).
 os.environ.setdefault("MEDJAX_CPU_DEVICES", "1")
+# The commands' malloc setting (medjax/host.py) from the start, before jax starts its
+# threads: the in-process command calls would otherwise apply it midway, to some threads.
+from medjax import host  # noqa: E402
+
+host.tune_malloc()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
