@@ -61,6 +61,8 @@ from typing import Any
 
 import numpy as np
 
+from medjax.host import cores  # the cores this process may run on (its affinity mask)
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Dense peak TFLOP/s per chip for the compute dtype (bf16/fp16 tensor cores; float32 on
@@ -93,13 +95,6 @@ def medjax_tree() -> str:
 
 def load_avg() -> float:
   return round(os.getloadavg()[0], 2)
-
-
-def cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
 
 
 def log(*parts):

@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
                       help="points run at once (default: accelerators / devices-per-run; "
                            "1 on a CPU)")
   parser.add_argument("--devices-per-run", type=common.positive_int, default=1,
-                      help="accelerators per point (on a CPU: virtual devices)")
+                      help="accelerators per point (on a CPU: virtual devices; with 1, "
+                           "each point running at once gets its share of the cores)")
   parser.add_argument("--dry-run", action="store_true",
                       help="print each point's command and state; run nothing")
   parser.add_argument("--emit", choices=("slurm",),
